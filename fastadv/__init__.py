@@ -1,0 +1,29 @@
+"""fastadv: adversarial training on the embedding layer, on the rows the batch touches.
+
+``from fastadv import FGM`` replaces the copied FGM snippet with the same calls and numbers.
+"""
+
+from .errors import (
+    AttackStateError,
+    BackendError,
+    EmbeddingNotFoundError,
+    FastAdvError,
+    FastAdvWarning,
+    FrozenEmbeddingError,
+    MissingGradientError,
+)
+from .methods import FGM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FGM",
+    "AttackStateError",
+    "BackendError",
+    "EmbeddingNotFoundError",
+    "FastAdvError",
+    "FastAdvWarning",
+    "FrozenEmbeddingError",
+    "MissingGradientError",
+    "__version__",
+]

@@ -1,0 +1,223 @@
+"""FGM / FGSM on the input embedding: a drop-in for the copied snippet, on the batch's rows only."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
+from ..ops import Backend, resolve_backend
+from ..target import WeightTarget, attach_recorders, resolve_targets, tied_targets
+
+Norm = Literal["l2", "sign"]
+Closure = Callable[[], torch.Tensor]
+BackwardFn = Callable[[torch.Tensor], object]
+
+
+def _check_epsilon(epsilon: float) -> float:
+    if isinstance(epsilon, torch.Tensor) or not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool):
+        raise TypeError(f"epsilon must be a Python float, found {type(epsilon).__name__}.")
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be finite and >= 0, found {epsilon}.")
+    return float(epsilon)
+
+
+def check_loss(loss: object, where: str) -> torch.Tensor:
+    """The closure's loss, or a clear error when it is not a scalar tensor that needs a gradient."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"{where} must return the loss as a scalar tensor, found {found}.")
+    if not loss.requires_grad:
+        raise RuntimeError(f"{where} returned a loss that does not require grad: run it with gradients enabled.")
+    return loss
+
+
+class FGM:
+    """Fast Gradient Method on the embedding: ``E[rows] += epsilon * g / ||g||``, restored afterwards.
+
+    Drop-in for the copied snippet (same calls, same numbers in fp32 wherever the embedding's
+    gradient is its lookup's alone), but it touches only the rows of the tokens the batch used:
+    U x d work and memory instead of several V x d passes, and no host sync on CUDA.
+
+    Args:
+        model: the model being trained. Create FGM before the forward pass whose gradient it uses:
+            it hooks every nn.Embedding to record which rows a batch touched.
+        epsilon: default perturbation size for attack().
+        emb_name: None perturbs the input embedding (``model.get_input_embeddings()``, else the single
+            nn.Embedding). A string perturbs, as the snippet does, every trainable parameter whose
+            name contains it, each with its own norm.
+        norm: "l2" (FGM) or "sign" (FGSM: ``epsilon * sign(g)``).
+
+    Usage::
+
+        fgm = FGM(model)
+        loss.backward()
+        fgm.attack()              # or fgm.attack(1.0, "word_embeddings"), as the snippet is called
+        model(**batch).loss.backward()
+        fgm.restore()
+
+    A zero gradient leaves the weights as they are (as the snippet does); a NaN/Inf gradient skips
+    the step on the device, weights untouched, and is counted in :attr:`skipped_steps`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float = 1.0,
+        emb_name: str | None = None,
+        norm: Norm = "l2",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"FGM needs the nn.Module being trained, found {type(model).__name__}.")
+        if norm not in ("l2", "sign"):
+            raise ValueError(f"norm must be 'l2' (FGM) or 'sign' (FGSM), found {norm!r}.")
+        self.model = model
+        self.epsilon = _check_epsilon(epsilon)
+        self.emb_name = emb_name
+        self.norm: Norm = norm
+        self.backend: Backend | None = None  # the backend of the last attack()
+        self._recorders = attach_recorders(model)
+        self._targets_by_name: dict[str | None, list[WeightTarget]] = {}
+        self._attacked: list[WeightTarget] | None = None
+        self._skipped: torch.Tensor | None = None
+        self._warned_tied = False
+        self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
+
+    def __repr__(self) -> str:
+        return (
+            f"FGM(epsilon={self.epsilon}, emb_name={self.emb_name!r}, norm={self.norm!r}, "
+            f"backend={self.backend!r})"
+        )
+
+    # ------------------------------------------------------------ the snippet's API
+
+    def attack(self, epsilon: float | None = None, emb_name: str | None = None) -> None:
+        """Perturb the embedding along its gradient. Call after the clean backward pass.
+
+        Args:
+            epsilon: perturbation size (default: the constructor's).
+            emb_name: which parameters (default: the constructor's); see the class docstring.
+        """
+        if self._attacked is not None:
+            names = ", ".join(t.name for t in self._attacked)
+            raise AttackStateError(
+                f"attack() called again before restore(); {names} is still perturbed and was left as it is. "
+                "Call restore() after the adversarial backward pass, before the next attack()."
+            )
+        epsilon = self.epsilon if epsilon is None else _check_epsilon(epsilon)
+        targets = self._targets(self.emb_name if emb_name is None else emb_name)
+        for target in targets:
+            target.prepare()
+        device = targets[0].param.device
+        backend = resolve_backend(device)
+        sums = torch.stack([t.sum_of_squares(backend).to(device) for t in targets])
+        # A non-finite gradient anywhere skips the whole step, on the device: weights stay untouched.
+        finite = torch.isfinite(sums).all()
+        norms = sums.sqrt()
+        done: list[WeightTarget] = []
+        try:
+            for target, norm in zip(targets, norms):
+                ok = finite if self.norm == "sign" else finite & (norm > 0)
+                target.add(epsilon, norm, ok, self.norm == "sign", backend)
+                done.append(target)
+        except BaseException:
+            for target in done:
+                target.restore()
+            raise
+        self._skipped = (~finite).long() if self._skipped is None else self._skipped + (~finite).long()
+        self._attacked = targets
+        self.backend = backend
+
+    def restore(self, emb_name: str | None = None) -> None:
+        """Put back, bit for bit, the rows the last attack() changed.
+
+        ``emb_name``, if given, must name the parameters that attack() perturbed.
+        """
+        if self._attacked is None:
+            raise AttackStateError("restore() called without a matching attack(): there is nothing to restore.")
+        if emb_name is not None:
+            asked = {id(t.param) for t in self._targets(emb_name)}
+            if asked != {id(t.param) for t in self._attacked}:
+                attacked = ", ".join(t.name for t in self._attacked)
+                raise EmbeddingNotFoundError(
+                    f"restore(emb_name={emb_name!r}) names other parameters than attack() perturbed ({attacked}); "
+                    "they are still perturbed. Call restore() with the attack's emb_name, or with none."
+                )
+        targets, self._attacked = self._attacked, None
+        for target in targets:
+            target.restore()
+
+    # ------------------------------------------------------------ conveniences
+
+    @contextmanager
+    def perturbed(self, epsilon: float | None = None) -> Iterator[FGM]:
+        """``with fgm.perturbed():`` attacks on entry and restores on exit, exceptions included."""
+        self.attack(epsilon)
+        try:
+            yield self
+        finally:
+            self.restore()
+
+    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor:
+        """One adversarial training step's passes: clean backward, attack, adversarial backward, restore.
+
+        Args:
+            closure: runs a forward pass and returns the loss (a scalar tensor).
+            backward: how to backpropagate a loss (default ``loss.backward()``); pass e.g.
+                ``accelerator.backward`` or ``lambda l: scaler.scale(l).backward()``.
+
+        Returns:
+            The clean loss, detached. The optimizer step stays the caller's.
+        """
+        backward = backward or _plain_backward
+        loss = check_loss(closure(), "closure()")
+        backward(loss)
+        with self.perturbed():
+            backward(check_loss(closure(), "closure()"))
+        return loss.detach()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Attacks skipped because the gradient held NaN/Inf. Reading it syncs with the device."""
+        return 0 if self._skipped is None else int(self._skipped)
+
+    def remove_hooks(self) -> None:
+        """Detach the lookup hooks from the model (this FGM cannot attack afterwards)."""
+        for recorder in self._recorders.values():
+            recorder.remove()
+        self._recorders.clear()
+        self._targets_by_name.clear()
+
+    # ------------------------------------------------------------ internals
+
+    def _targets(self, emb_name: str | None) -> list[WeightTarget]:
+        targets = self._targets_by_name.get(emb_name)
+        if targets is None:
+            targets = resolve_targets(self.model, emb_name, self._recorders)
+            self._targets_by_name[emb_name] = targets
+            self._warn_if_tied(targets)
+        return targets
+
+    def _warn_if_tied(self, targets: list[WeightTarget]) -> None:
+        for target, names in tied_targets(self.model, targets):
+            if self._warned_tied:
+                return
+            self._warned_tied = True
+            warnings.warn(
+                f"'{target.name}' is tied to {', '.join(repr(n) for n in names if n != target.name)} (input and "
+                "output embeddings share one matrix). fastadv perturbs only the rows of the batch's tokens, "
+                "with the norm taken over those rows; the copied snippet perturbs every row of the shared "
+                "matrix, output projection included, so the numbers differ from the snippet on this model.",
+                FastAdvWarning,
+                stacklevel=3,
+            )
+
+
+def _plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()

@@ -1,0 +1,28 @@
+"""Host launchers of the kernels, the torch reference beside each, and the backend switch."""
+
+from .backend import Backend, resolve_backend
+from .rows import (
+    RowSet,
+    row_block_sizes,
+    row_set_from_ids,
+    rows_backup_add,
+    rows_backup_add_reference,
+    rows_restore,
+    rows_restore_reference,
+    rows_sum_of_squares,
+    rows_sum_of_squares_reference,
+)
+
+__all__ = [
+    "Backend",
+    "RowSet",
+    "resolve_backend",
+    "row_block_sizes",
+    "row_set_from_ids",
+    "rows_backup_add",
+    "rows_backup_add_reference",
+    "rows_restore",
+    "rows_restore_reference",
+    "rows_sum_of_squares",
+    "rows_sum_of_squares_reference",
+]

@@ -1,0 +1,214 @@
+"""Host launchers of the row kernels, each beside its torch reference (the CPU path and the oracle).
+
+A :class:`RowSet` says which rows of a [V, D] weight an op touches. Three ops act on it:
+
+- :func:`rows_sum_of_squares`: sum over the distinct rows of ||g_row||^2, accumulated in fp32;
+- :func:`rows_backup_add`: save the rows, then add ``epsilon * g / norm`` (or ``epsilon * sign(g)``)
+  in place, unless the device flag ``ok`` says to skip;
+- :func:`rows_restore`: copy the saved rows back, bit for bit.
+
+None of them syncs with the host: shapes depend on the number of recorded ids only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backend import Backend, kernels, resolve_backend
+
+__all__ = [
+    "RowSet",
+    "row_block_sizes",
+    "row_set_from_ids",
+    "rows_backup_add",
+    "rows_backup_add_reference",
+    "rows_restore",
+    "rows_restore_reference",
+    "rows_sum_of_squares",
+    "rows_sum_of_squares_reference",
+]
+
+
+@dataclass(frozen=True)
+class RowSet:
+    """The rows an op touches, as N slots.
+
+    Attributes:
+        rows: int64 [N], the weight row of each slot.
+        grad_rows: int64 [N], the row of the gradient matrix each slot reads: ``rows`` itself for a
+            dense [V, D] gradient, positions in ``values`` for a sparse gradient.
+        first: bool [N] or None. When given, several slots may name one row and only the flagged
+            (first) slot of each row counts; None means the rows are distinct.
+    """
+
+    rows: torch.Tensor
+    grad_rows: torch.Tensor
+    first: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+
+def row_set_from_ids(ids: torch.Tensor, static_shape: bool | None = None) -> RowSet:
+    """The distinct rows named by token ids of any shape (int32 or int64).
+
+    ``static_shape`` (default: True on CUDA) keeps all B*T ids, sorted, with first-occurrence flags,
+    so no host sync is needed to count the distinct ids; otherwise ``torch.unique`` compacts them.
+    """
+    flat = ids.reshape(-1).to(torch.int64)
+    if static_shape is None:
+        static_shape = flat.is_cuda
+    if not static_shape:
+        rows = torch.unique(flat)
+        return RowSet(rows, rows)
+    rows = torch.sort(flat).values
+    first = torch.ones_like(rows, dtype=torch.bool)
+    first[1:] = rows[1:] != rows[:-1]
+    return RowSet(rows, rows, first)
+
+
+def row_block_sizes(d: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_D) for rows of length ``d``: tiles of about 2048 elements."""
+    block_d = min(256, 1 << max(0, (d - 1).bit_length()))
+    return max(1, 2048 // block_d), block_d
+
+
+def _first_as_uint8(row_set: RowSet) -> torch.Tensor:
+    first = row_set.first if row_set.first is not None else row_set.rows  # unread when HAS_FIRST=0
+    return first.view(torch.uint8) if first.dtype == torch.bool else first
+
+
+def _check_2d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be a [rows, D] matrix, found shape {tuple(t.shape)}.")
+
+
+# ---------------------------------------------------------------- sum of squares
+
+
+def rows_sum_of_squares_reference(grad: torch.Tensor, row_set: RowSet) -> torch.Tensor:
+    """Torch reference. grad: [R, D]. Returns a 0-dim fp32 tensor: sum of squares of the distinct rows."""
+    per_slot = grad.index_select(0, row_set.grad_rows).float().square().sum(dim=1)
+    if row_set.first is not None:
+        per_slot = torch.where(row_set.first, per_slot, 0.0)
+    return per_slot.sum()
+
+
+def rows_sum_of_squares(grad: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> torch.Tensor:
+    """Sum of squares of the gradient over the distinct rows of ``row_set``, in fp32 (0-dim tensor).
+
+    grad: [R, D], any float dtype and strides. Deterministic: one partial per program, then a sum.
+    """
+    _check_2d("grad", grad)
+    backend = backend or resolve_backend(grad.device)
+    if backend == "torch" or len(row_set) == 0:
+        return rows_sum_of_squares_reference(grad, row_set)
+    block_n, block_d = row_block_sizes(grad.shape[1])
+    grid = (_cdiv(len(row_set), block_n),)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=grad.device)
+    kernels().rows_sum_of_squares_kernel[grid](
+        grad, row_set.grad_rows, _first_as_uint8(row_set), partial,
+        len(row_set), grad.shape[1], grad.stride(0), grad.stride(1),
+        HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    return partial.sum()
+
+
+# ---------------------------------------------------------------- backup + scaled add
+
+
+def rows_backup_add_reference(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    row_set: RowSet,
+    norm: torch.Tensor,
+    ok: torch.Tensor,
+    epsilon: float,
+    sign: bool = False,
+) -> torch.Tensor:
+    """Torch reference of :func:`rows_backup_add`. Returns the saved rows, [N, D] in weight's dtype."""
+    backup = weight.index_select(0, row_set.rows)
+    g = grad.index_select(0, row_set.grad_rows).float()
+    delta = epsilon * torch.sign(g) if sign else epsilon * g / norm
+    original = backup.float()
+    perturbed = torch.where(ok, original + delta, original).to(weight.dtype)
+    # Duplicate slots hold identical values, so copying them all writes each row once in effect.
+    weight.index_copy_(0, row_set.rows, perturbed)
+    return backup
+
+
+def rows_backup_add(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    row_set: RowSet,
+    norm: torch.Tensor,
+    ok: torch.Tensor,
+    epsilon: float,
+    sign: bool = False,
+    backend: Backend | None = None,
+) -> torch.Tensor:
+    """Save the rows of ``weight`` in ``row_set``, then add the perturbation to them in place.
+
+    Args:
+        weight: [V, D], fp32/bf16/fp16, any strides; modified in place (pass ``param.data``).
+        grad: [R, D], the gradient rows addressed by ``row_set.grad_rows``.
+        norm: fp32 0-dim or [1], the gradient's L2 norm (unused when ``sign``).
+        ok: bool 0-dim or [1]; False leaves every row bitwise untouched (the device-side skip).
+        epsilon: perturbation size; ``sign`` picks ``epsilon * sign(g)`` over ``epsilon * g / norm``.
+
+    Returns:
+        The saved rows, [N, D] contiguous in weight's dtype, for :func:`rows_restore`. With
+        first-occurrence flags, only the flagged slots are written.
+    """
+    _check_2d("weight", weight)
+    _check_2d("grad", grad)
+    if grad.shape[1] != weight.shape[1]:
+        raise ValueError(f"grad rows have {grad.shape[1]} columns, weight rows have {weight.shape[1]}.")
+    backend = backend or resolve_backend(weight.device)
+    if backend == "torch":
+        return rows_backup_add_reference(weight, grad, row_set, norm, ok, epsilon, sign)
+    n, d = len(row_set), weight.shape[1]
+    backup = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
+    if n == 0:
+        return backup
+    block_n, block_d = row_block_sizes(d)
+    grid = (_cdiv(n, block_n),)
+    kernels().rows_backup_add_kernel[grid](
+        weight, grad, backup, row_set.rows, row_set.grad_rows, _first_as_uint8(row_set),
+        norm.reshape(1).to(torch.float32), ok.reshape(1).to(torch.uint8), float(epsilon),
+        n, d, weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1),
+        SIGN=sign, HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    return backup
+
+
+# ---------------------------------------------------------------- restore
+
+
+def rows_restore_reference(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet) -> None:
+    """Torch reference of :func:`rows_restore`."""
+    weight.index_copy_(0, row_set.rows, backup)
+
+
+def rows_restore(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> None:
+    """Copy ``backup`` ([N, D], from :func:`rows_backup_add` on the same row set) back into ``weight``."""
+    _check_2d("weight", weight)
+    backend = backend or resolve_backend(weight.device)
+    if backend == "torch":
+        rows_restore_reference(weight, backup, row_set)
+        return
+    n, d = len(row_set), weight.shape[1]
+    if n == 0:
+        return
+    block_n, block_d = row_block_sizes(d)
+    kernels().rows_restore_kernel[(_cdiv(n, block_n),)](
+        weight, backup, row_set.rows, _first_as_uint8(row_set),
+        n, d, weight.stride(0), weight.stride(1),
+        HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

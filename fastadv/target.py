@@ -1,0 +1,302 @@
+"""Where a perturbation lives: the touched rows of an embedding weight, or a whole parameter.
+
+This layer finds the embedding, records which rows of each table can have a gradient, checks for
+frozen and tied weights, and perturbs / restores a parameter through ``fastadv.ops``. It decides
+nothing about the perturbation's size: methods pass epsilon, the norm and the skip flag.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
+from .ops import RowSet, row_set_from_ids, rows_backup_add, rows_restore, rows_sum_of_squares
+from .ops.backend import Backend
+
+OUTPUT_MODE_HINT = (
+    "perturb the embedding output instead of the weight (output-mode perturbation, DESIGN.md section 3; "
+    "not yet available in fastadv 0.1)"
+)
+
+
+# ---------------------------------------------------------------- finding the embedding
+
+
+def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
+
+
+def embedding_like_names(model: nn.Module) -> list[str]:
+    """Parameter names that look like embeddings: nn.Embedding weights and names with emb/wte/tok."""
+    names = {f"{n}.weight" if n else "weight" for n, _ in _embedding_modules(model)}
+    names |= {n for n, _ in model.named_parameters() if any(k in n.lower() for k in ("emb", "wte", "tok"))}
+    return sorted(names)
+
+
+def find_input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
+    """The model's input embedding: ``get_input_embeddings()`` where it has one, else its single nn.Embedding.
+
+    Returns:
+        (module name, module). Raises EmbeddingNotFoundError when there is none or several.
+    """
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            module = getter()
+        except NotImplementedError:
+            module = None
+        if isinstance(module, nn.Embedding):
+            for name, m in model.named_modules():
+                if m is module:
+                    return name, module
+    candidates = _embedding_modules(model)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise EmbeddingNotFoundError(
+            f"{type(model).__name__} has no nn.Embedding module and no get_input_embeddings(). "
+            "Pass emb_name= with a substring of the parameter to perturb."
+        )
+    names = ", ".join(f"'{n}'" for n, _ in candidates)
+    raise EmbeddingNotFoundError(
+        f"{type(model).__name__} has {len(candidates)} nn.Embedding modules ({names}) and no "
+        "get_input_embeddings() to say which is the input. Pass emb_name= with a substring of the one to "
+        "perturb, e.g. emb_name='word_embeddings'."
+    )
+
+
+def shared_parameter_names(model: nn.Module, param: nn.Parameter) -> list[str]:
+    """Every name under which ``param`` appears in ``model`` (more than one when weights are tied)."""
+    return [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
+
+
+# ---------------------------------------------------------------- which rows have a gradient
+
+
+class LookupRecorder:
+    """Records the token ids of each lookup into one table whose gradient reached the table.
+
+    Invariant: every row with a non-zero gradient in ``weight.grad`` is among the recorded ids.
+    An id enters when its lookup's output gradient is computed (so forwards without a backward
+    never count), and the record starts afresh at the first backward after ``.grad`` was set to
+    None following an accumulation, as ``zero_grad()`` does. Under gradient accumulation the ids
+    of every micro-batch since then stay, as their gradients do. A superset is always exact (extra
+    rows have a zero gradient), only slower: with ``zero_grad(set_to_none=False)`` the record
+    keeps growing, and is compacted (one host sync) whenever it exceeds ``compact_at`` ids.
+    """
+
+    # Ids kept before compacting: 64k plus 4 per row (a few MB), far above one reset-to-reset
+    # cycle of ordinary training, so compaction means the gradient is not being set to None.
+    COMPACT_FLOOR = 65536
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        self.weight = weight
+        self._ids: list[torch.Tensor] = []
+        self._count = 0
+        self._accumulated_since_reset = False
+        self._warned_growth = False
+        self.compact_at = self.COMPACT_FLOOR + 4 * weight.shape[0]
+        self._handles = [weight.register_post_accumulate_grad_hook(self._on_accumulate)]
+
+    def attach(self, module: nn.Module) -> None:
+        """Record the lookups of ``module`` (an nn.Embedding whose weight is ``self.weight``)."""
+        self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        ids = (args[0] if args else kwargs["input"]).detach()
+        output.register_hook(lambda grad: self._on_backward(ids))
+
+    def _on_backward(self, ids: torch.Tensor) -> None:
+        if self.weight.grad is None and self._accumulated_since_reset:
+            self._ids.clear()
+            self._count = 0
+            self._accumulated_since_reset = False
+        self._ids.append(ids.reshape(-1))
+        self._count += ids.numel()
+        if self._count > self.compact_at:
+            self._compact()
+
+    def _on_accumulate(self, param: torch.Tensor) -> None:
+        self._accumulated_since_reset = True
+
+    def _compact(self) -> None:
+        unique = torch.unique(torch.cat(self._ids))
+        self._ids = [unique]
+        self._count = unique.numel()
+        if not self._warned_growth:
+            self._warned_growth = True
+            warnings.warn(
+                f"fastadv has recorded over {self.compact_at} token ids since the embedding's gradient was "
+                "last set to None, as happens with zero_grad(set_to_none=False). Results stay exact, but "
+                "attack() touches every row seen since, and the record is compacted with a host sync. "
+                "Use zero_grad() (set_to_none=True, the default) for the fast path.",
+                FastAdvWarning,
+                stacklevel=2,
+            )
+
+    def row_set(self) -> RowSet | None:
+        """The recorded rows (None when nothing was recorded since the last reset)."""
+        if not self._ids:
+            return None
+        ids = self._ids[0] if len(self._ids) == 1 else torch.cat(self._ids)
+        return row_set_from_ids(ids)
+
+
+def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:
+    """One recorder per trainable embedding table of ``model``, keyed by ``id(weight)``.
+
+    Every nn.Embedding is watched, so any table can be named later, as the snippet allows with
+    ``attack(emb_name=...)``; a lookup costs one list append and one tensor hook.
+    """
+    recorders: dict[int, LookupRecorder] = {}
+    for _, module in _embedding_modules(model):
+        weight = module.weight
+        if not weight.requires_grad:
+            continue
+        recorder = recorders.get(id(weight))
+        if recorder is None:
+            recorder = recorders[id(weight)] = LookupRecorder(weight)
+        recorder.attach(module)
+    return recorders
+
+
+# ---------------------------------------------------------------- perturbing a parameter
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """A [rows, columns] view of a parameter (1-D: one row), sharing its storage."""
+    if t.dim() == 2:
+        return t
+    if t.dim() == 1:
+        return t.view(1, -1)
+    return t.view(t.shape[0], -1)
+
+
+class WeightTarget:
+    """One parameter perturbed in place: an embedding table on its recorded rows, any other one whole.
+
+    The perturbation is ``epsilon * g / norm`` (or ``epsilon * sign(g)``) on the rows that have a
+    gradient; restore() copies the saved rows back bit for bit, into the same storage.
+    """
+
+    def __init__(self, name: str, param: nn.Parameter, recorder: LookupRecorder | None) -> None:
+        self.name = name
+        self.param = param
+        self.recorder = recorder
+        self._grad: torch.Tensor | None = None
+        self._rows: RowSet | None = None
+        self._backup: torch.Tensor | None = None
+        self._backend: Backend | None = None
+
+    def __repr__(self) -> str:
+        kind = "rows" if self.recorder is not None else "dense"
+        return f"WeightTarget({self.name!r}, {kind}, shape={tuple(self.param.shape)})"
+
+    def check_trainable(self) -> None:
+        if not self.param.requires_grad:
+            raise FrozenEmbeddingError(
+                f"'{self.name}' does not require grad (frozen, e.g. by LoRA/PEFT), so it has no gradient to "
+                f"perturb along. Unfreeze it with requires_grad_(True), or {OUTPUT_MODE_HINT}."
+            )
+
+    def prepare(self) -> None:
+        """Take the gradient and the rows it lives on; raises before anything is modified."""
+        self.check_trainable()
+        grad = self.param.grad
+        if grad is None:
+            raise MissingGradientError(
+                f"'{self.name}' has no gradient: call loss.backward() on the clean loss before attack()."
+            )
+        if grad.is_sparse:  # nn.Embedding(sparse=True): the gradient names its own rows
+            grad = grad.coalesce()
+            values = grad.values()
+            self._grad = values.reshape(values.shape[0], -1)
+            self._rows = RowSet(grad.indices()[0], torch.arange(values.shape[0], device=values.device))
+        elif self.recorder is not None:
+            rows = self.recorder.row_set()
+            if rows is None:
+                raise MissingGradientError(
+                    f"'{self.name}' has a gradient, but fastadv saw no lookup of it since the gradient was "
+                    "last reset. Create the fastadv object before the forward pass whose gradient it uses."
+                )
+            self._grad, self._rows = grad, rows
+        else:
+            self._grad = _as_matrix(grad)
+            n = self._grad.shape[0]
+            all_rows = torch.arange(n, device=grad.device)
+            self._rows = RowSet(all_rows, all_rows)
+
+    def sum_of_squares(self, backend: Backend) -> torch.Tensor:
+        """fp32 0-dim: the squared L2 norm of the gradient (over its non-zero rows)."""
+        assert self._grad is not None and self._rows is not None, "prepare() first"
+        return rows_sum_of_squares(self._grad, self._rows, backend)
+
+    def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
+        """Save the rows, then add the perturbation to them in place (unless ``ok`` is False)."""
+        assert self._grad is not None and self._rows is not None, "prepare() first"
+        weight = _as_matrix(self.param.data)
+        self._backup = rows_backup_add(weight, self._grad, self._rows, norm, ok, epsilon, sign, backend)
+        self._backend = backend
+        self._grad = None  # the gradient is not ours to keep alive
+
+    def restore(self) -> None:
+        """Copy the saved rows back into the parameter's own storage, bit for bit."""
+        assert self._backup is not None and self._rows is not None, "add() first"
+        rows_restore(_as_matrix(self.param.data), self._backup, self._rows, self._backend)
+        self._backup = self._rows = self._backend = None
+
+
+def resolve_targets(
+    model: nn.Module, emb_name: str | None, recorders: dict[int, LookupRecorder]
+) -> list[WeightTarget]:
+    """The parameters to perturb.
+
+    emb_name None: the input embedding's weight. Otherwise, as the snippet does, every trainable
+    parameter whose name contains ``emb_name``: embedding tables on their touched rows, any other
+    parameter (e.g. a LayerNorm weight under emb_name='emb') whole.
+    """
+    if emb_name is None:
+        module_name, module = find_input_embedding(model)
+        name = f"{module_name}.weight" if module_name else "weight"
+        target = WeightTarget(name, module.weight, recorders.get(id(module.weight)))
+        target.check_trainable()
+        return [target]
+    if not isinstance(emb_name, str) or not emb_name:
+        raise EmbeddingNotFoundError(f"emb_name must be a non-empty string, found {emb_name!r}.")
+    matched = [(n, p) for n, p in model.named_parameters() if emb_name in n]
+    if not matched:
+        found = ", ".join(f"'{n}'" for n in embedding_like_names(model)) or "none"
+        raise EmbeddingNotFoundError(
+            f"emb_name={emb_name!r} matches no parameter of {type(model).__name__}, so nothing would be "
+            f"perturbed. Embedding-like parameters found: {found}. Pass a substring of one of them, or "
+            "emb_name=None for the input embedding."
+        )
+    trainable = [(n, p) for n, p in matched if p.requires_grad]
+    if not trainable:
+        names = ", ".join(f"'{n}'" for n, _ in matched)
+        raise FrozenEmbeddingError(
+            f"emb_name={emb_name!r} matches only frozen parameters ({names}), so nothing would be perturbed. "
+            f"Unfreeze them with requires_grad_(True), or {OUTPUT_MODE_HINT}."
+        )
+    return [WeightTarget(n, p, recorders.get(id(p))) for n, p in trainable]
+
+
+def tied_targets(model: nn.Module, targets: list[WeightTarget]) -> Iterator[tuple[WeightTarget, list[str]]]:
+    """Row targets whose weight is also used under another name (tied input/output embeddings)."""
+    for target in targets:
+        if target.recorder is None:
+            continue
+        names = shared_parameter_names(model, target.param)
+        if len(names) > 1:
+            yield target, names
