@@ -257,9 +257,7 @@ class WeightTarget:
         self._backup = self._rows = self._backend = None
 
 
-def resolve_targets(
-    model: nn.Module, emb_name: str | None, recorders: dict[int, LookupRecorder]
-) -> list[WeightTarget]:
+def resolve_targets(model: nn.Module, emb_name: str | None, recorders: dict[int, LookupRecorder]) -> list[WeightTarget]:
     """The parameters to perturb.
 
     emb_name None: the input embedding's weight. Otherwise, as the snippet does, every trainable

@@ -90,10 +90,7 @@ class FGM:
         self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
 
     def __repr__(self) -> str:
-        return (
-            f"FGM(epsilon={self.epsilon}, emb_name={self.emb_name!r}, norm={self.norm!r}, "
-            f"backend={self.backend!r})"
-        )
+        return f"FGM(epsilon={self.epsilon}, emb_name={self.emb_name!r}, norm={self.norm!r}, backend={self.backend!r})"
 
     # ------------------------------------------------------------ the snippet's API
 
@@ -122,7 +119,7 @@ class FGM:
         norms = sums.sqrt()
         done: list[WeightTarget] = []
         try:
-            for target, norm in zip(targets, norms):
+            for target, norm in zip(targets, norms, strict=True):
                 ok = finite if self.norm == "sign" else finite & (norm > 0)
                 target.add(epsilon, norm, ok, self.norm == "sign", backend)
                 done.append(target)
