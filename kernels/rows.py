@@ -74,8 +74,8 @@ def rows_backup_add_kernel(
         m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
     b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
     b_g_row = tl.load(g_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    b_norm = tl.load(norm_ptr)
     b_ok = tl.load(ok_ptr) != 0
+    b_norm = tl.where(b_ok, tl.load(norm_ptr), 1.0)  # a skipped step never divides by 0 or Inf
     for d0 in range(0, D, BLOCK_D):
         o_d = d0 + tl.arange(0, BLOCK_D)
         o_d64 = o_d[None, :].to(tl.int64)

@@ -1,0 +1,64 @@
+"""Shared test set-up.
+
+Without a GPU the Triton kernels run under Triton's interpreter on CPU tensors; TRITON_INTERPRET
+must be set before fastadv first imports its kernels, so it is set here, at collection. With a
+GPU the same tests run the compiled kernels on CUDA tensors, half precision included.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+BACKENDS = ("torch", "triton")
+# Half precision through the kernels needs a GPU: the interpreter's fp16/bf16 support is not the
+# contract (fp32 is). The torch path is checked in every dtype on any device.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16) if DEVICE == "cuda" else (torch.float32,)
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def backend_dtype_cases() -> list:
+    """(backend, dtype) pairs that run here: every dtype on the torch path, KERNEL_DTYPES on Triton."""
+    cases = [pytest.param("torch", d, id=f"torch-{dtype_id(d)}") for d in ALL_DTYPES]
+    cases += [pytest.param("triton", d, id=f"triton-{dtype_id(d)}") for d in KERNEL_DTYPES]
+    return cases
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Force fastadv's backend for the test, as a user would, through FASTADV_BACKEND."""
+    monkeypatch.setenv("FASTADV_BACKEND", request.param)
+    return request.param
+
+
+def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str) -> None:
+    """assert_close that names the quantity and shows the worst elements when it fails."""
+    actual, expected = actual.detach().float().cpu(), expected.detach().float().cpu()
+    diff = (actual - expected).abs()
+    bad = diff > atol + rtol * expected.abs()
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        rows = "; ".join(
+            f"{tuple(i)}: got {actual[tuple(i)].item():.8g}, want {expected[tuple(i)].item():.8g}" for i in idx
+        )
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements differ beyond rtol={rtol}, atol={atol} "
+            f"(max abs diff {diff.max().item():.3g}); first: {rows}"
+        )
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp64."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

@@ -1,0 +1,109 @@
+"""Small models built from configs with random weights (nothing is downloaded), and training loops."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from conftest import DEVICE
+from torch import nn
+
+VOCAB = 211
+
+
+def tiny_bert(vocab: int = VOCAB, hidden: int = 60, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    """BertForSequenceClassification, 2 layers, odd hidden size, no dropout (so runs can be compared)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+    )
+    return BertForSequenceClassification(config).to(DEVICE, dtype)
+
+
+def tiny_gpt2(vocab: int = VOCAB, tied: bool = True, seed: int = 0) -> nn.Module:
+    """GPT2LMHeadModel whose input embedding is tied to the LM head (as in many small LLMs)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=vocab, n_embd=48, n_layer=1, n_head=4, n_positions=32,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied,
+    )  # fmt: skip
+    return GPT2LMHeadModel(config).to(DEVICE)
+
+
+class BagOfEmbeddings(nn.Module):
+    """A hand-written classifier: `self.emb`, the name the snippet's default emb_name='emb.' expects."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 123, padding_idx: int | None = None, sparse: bool = False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim, padding_idx=padding_idx, sparse=sparse)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(input_ids)).mean(dim=1))
+
+
+def batches(n: int, vocab: int = VOCAB, batch: int = 4, seq: int = 13, seed: int = 1, repeats: bool = True):
+    """Token id batches with labels; with repeats, every batch reuses ids heavily."""
+    gen = torch.Generator().manual_seed(seed)
+    high = min(vocab, 40) if repeats else vocab
+    out = []
+    for _ in range(n):
+        ids = torch.randint(1, high, (batch, seq), generator=gen)
+        ids[:, -2:] = 0  # padding at the end of every row
+        out.append((ids.to(DEVICE), torch.randint(0, 3, (batch,), generator=gen).to(DEVICE)))
+    return out
+
+
+def bert_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=labels).loss
+
+
+def bag_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(ids), labels)
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def train_with(
+    model: nn.Module,
+    adversary_factory: Callable[[nn.Module], object],
+    data: list,
+    loss_fn: LossFn,
+    attack_args: tuple = (),
+    restore_args: tuple = (),
+    accumulate: int = 1,
+    optimizer: str = "adamw",
+    lr: float = 1e-3,
+) -> nn.Module:
+    """The loop every FGM script has: clean backward, attack, adversarial backward, restore, step."""
+    adversary = adversary_factory(model)
+    opt_cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+    opt = opt_cls(model.parameters(), lr=lr)
+    for i, (ids, labels) in enumerate(data):
+        loss_fn(model, ids, labels).div(accumulate).backward()
+        adversary.attack(*attack_args)
+        loss_fn(model, ids, labels).div(accumulate).backward()
+        adversary.restore(*restore_args)
+        if (i + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
+    return model
+
+
+def twins(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return model, copy.deepcopy(model)

@@ -1,0 +1,253 @@
+"""Every misuse gets a clear error or survives as documented, and the weights are never lost."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+from models import BagOfEmbeddings, bag_loss, batches, bert_loss, tiny_bert
+from torch import nn
+
+from fastadv import (
+    FGM,
+    AttackStateError,
+    EmbeddingNotFoundError,
+    FrozenEmbeddingError,
+    MissingGradientError,
+)
+from fastadv.snippets import SnippetFGM
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), f"{name} changed"
+
+
+def test_emb_name_matching_nothing_lists_the_embeddings():
+    model = tiny_bert()
+    with pytest.raises(EmbeddingNotFoundError) as err:
+        FGM(model, emb_name="emb.")  # the snippet's default silently does nothing on BERT
+    message = str(err.value)
+    assert "'emb.' matches no parameter" in message
+    assert "bert.embeddings.word_embeddings.weight" in message and "position_embeddings" in message
+    fgm = FGM(model)
+    bert_loss(model, *batches(1)[0]).backward()
+    before = snapshot(model)
+    with pytest.raises(EmbeddingNotFoundError, match="'nope' matches no parameter"):
+        fgm.attack(1.0, "nope")
+    assert_unchanged(model, before)
+
+
+def test_several_embeddings_and_no_getter_asks_for_emb_name():
+    class TwoTables(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(10, 4)
+            self.pos = nn.Embedding(10, 4)
+
+    with pytest.raises(EmbeddingNotFoundError, match=r"2 nn.Embedding modules \('tok', 'pos'\).*emb_name="):
+        FGM(TwoTables())
+
+
+def test_no_embedding_at_all():
+    with pytest.raises(EmbeddingNotFoundError, match=r"no nn\.Embedding"):
+        FGM(nn.Linear(3, 3))
+
+
+def test_attack_before_backward():
+    model = tiny_bert()
+    fgm = FGM(model)
+    before = snapshot(model)
+    with pytest.raises(MissingGradientError, match=r"no gradient: call loss.backward\(\)"):
+        fgm.attack()
+    assert_unchanged(model, before)
+    with pytest.raises(AttackStateError, match="without a matching attack"):
+        fgm.restore()  # the failed attack left nothing to restore
+
+
+def test_fgm_created_after_the_forward_pass():
+    model = tiny_bert()
+    bert_loss(model, *batches(1)[0]).backward()
+    fgm = FGM(model)
+    with pytest.raises(MissingGradientError, match=r"saw no lookup.*before the forward pass"):
+        fgm.attack()
+
+
+def test_frozen_embedding_points_to_output_mode():
+    model = tiny_bert()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    with pytest.raises(FrozenEmbeddingError, match=r"does not require grad.*output"):
+        FGM(model)
+    with pytest.raises(FrozenEmbeddingError, match="matches only frozen parameters"):
+        FGM(model, emb_name="word_embeddings")
+
+
+def test_embedding_frozen_after_construction():
+    model = tiny_bert()
+    fgm = FGM(model)
+    bert_loss(model, *batches(1)[0]).backward()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    with pytest.raises(FrozenEmbeddingError, match="output"):
+        fgm.attack()
+
+
+def test_second_attack_is_refused_and_weights_stay_intact(backend):
+    model = tiny_bert()
+    fgm = FGM(model)
+    ids, labels = batches(1)[0]
+    bert_loss(model, ids, labels).backward()
+    clean = snapshot(model)
+    fgm.attack()
+    perturbed = snapshot(model)
+    with pytest.raises(AttackStateError, match="called again before restore"):
+        fgm.attack()
+    assert_unchanged(model, perturbed)  # not perturbed twice
+    fgm.restore()
+    assert_unchanged(model, clean)
+
+
+def test_restore_without_attack():
+    fgm = FGM(tiny_bert())
+    with pytest.raises(AttackStateError, match="without a matching attack"):
+        fgm.restore()
+
+
+def test_restore_naming_other_parameters_keeps_the_backup():
+    model = tiny_bert()
+    fgm = FGM(model)
+    bert_loss(model, *batches(1)[0]).backward()
+    clean = snapshot(model)
+    fgm.attack(1.0, "word_embeddings")
+    with pytest.raises(EmbeddingNotFoundError, match="other parameters than attack"):
+        fgm.restore("position_embeddings")
+    fgm.restore("word_embeddings")
+    assert_unchanged(model, clean)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_gradient_skips_the_step_on_the_device(backend, bad):
+    model = tiny_bert()
+    fgm = FGM(model)
+    ids, labels = batches(1)[0]
+    bert_loss(model, ids, labels).backward()
+    model.get_input_embeddings().weight.grad[ids[0, 0]] = bad
+    clean = snapshot(model)
+    fgm.attack()
+    assert_unchanged(model, clean)
+    fgm.restore()
+    assert_unchanged(model, clean)
+    assert fgm.skipped_steps == 1
+    model.zero_grad()
+    bert_loss(model, ids, labels).backward()
+    with fgm.perturbed():
+        assert not torch.equal(model.get_input_embeddings().weight, clean["bert.embeddings.word_embeddings.weight"])
+    assert fgm.skipped_steps == 1
+
+
+def test_non_finite_gradient_in_one_of_several_parameters_skips_all(backend):
+    model = tiny_bert()
+    fgm = FGM(model, emb_name="emb")
+    ids, labels = batches(1)[0]
+    bert_loss(model, ids, labels).backward()
+    model.bert.embeddings.LayerNorm.weight.grad[0] = float("nan")
+    clean = snapshot(model)
+    fgm.attack()
+    assert_unchanged(model, clean)
+    fgm.restore()
+    assert fgm.skipped_steps == 1
+
+
+def test_zero_gradient_leaves_weights_and_is_not_a_skip(backend):
+    model = BagOfEmbeddings().to(DEVICE)
+    fgm = FGM(model)
+    ids, _ = batches(1)[0]
+    (model(ids) * 0).sum().backward()
+    clean = snapshot(model)
+    with fgm.perturbed():
+        assert_unchanged(model, clean)
+    assert fgm.skipped_steps == 0
+
+
+def test_exception_inside_perturbed_still_restores(backend):
+    model = tiny_bert()
+    fgm = FGM(model)
+    ids, labels = batches(1)[0]
+    bert_loss(model, ids, labels).backward()
+    clean = snapshot(model)
+    with pytest.raises(ZeroDivisionError):
+        with fgm.perturbed():
+            assert not torch.equal(model.get_input_embeddings().weight, clean["bert.embeddings.word_embeddings.weight"])
+            _ = 1 / 0
+    assert_unchanged(model, clean)
+    fgm.attack()  # and the state machine is ready for the next step
+    fgm.restore()
+
+
+@pytest.mark.parametrize(
+    "loss,error",
+    [
+        (lambda m, x: m(x), r"scalar tensor, found \(4, 3\)"),
+        (lambda m, x: 3.0, "scalar tensor, found float"),
+        (lambda m, x: m(x).sum().detach(), "does not require grad"),
+    ],
+    ids=["vector", "float", "detached"],
+)
+def test_step_with_a_bad_closure(loss, error):
+    model = BagOfEmbeddings().to(DEVICE)
+    fgm = FGM(model)
+    ids = batches(1)[0][0]
+    with pytest.raises((TypeError, RuntimeError), match=error):
+        fgm.step(lambda: loss(model, ids))
+    with pytest.raises(AttackStateError):
+        fgm.restore()  # nothing left perturbed
+
+
+@pytest.mark.parametrize(
+    "kwargs,error",
+    [
+        ({"epsilon": -1.0}, ValueError),
+        ({"epsilon": float("nan")}, ValueError),
+        ({"epsilon": torch.tensor(1.0)}, TypeError),
+        ({"norm": "l1"}, ValueError),
+    ],
+    ids=["negative-eps", "nan-eps", "tensor-eps", "unknown-norm"],
+)
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        FGM(BagOfEmbeddings(), **kwargs)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        FGM(lambda x: x)
+
+
+def test_zero_grad_keep_tensors_stays_exact_and_warns(backend, monkeypatch):
+    """zero_grad(set_to_none=False) never resets the record: exact, slower, and said once."""
+    from fastadv import FastAdvWarning
+    from fastadv.target import LookupRecorder
+
+    monkeypatch.setattr(LookupRecorder, "COMPACT_FLOOR", 30)  # compact after 30 + 4 * 211 ids
+    torch.manual_seed(0)
+    model = BagOfEmbeddings().to(DEVICE)
+    reference = copy.deepcopy(model)
+    data = batches(12, repeats=False)
+    with pytest.warns(FastAdvWarning, match="set_to_none=False") as caught:
+        for current, adversary in ((model, FGM(model)), (reference, SnippetFGM(reference))):
+            opt = torch.optim.SGD(current.parameters(), lr=0.1)
+            for ids, labels in data:
+                opt.zero_grad(set_to_none=False)
+                bag_loss(current, ids, labels).backward()
+                adversary.attack()
+                bag_loss(current, ids, labels).backward()
+                adversary.restore()
+                opt.step()
+    assert len([w for w in caught if issubclass(w.category, FastAdvWarning)]) == 1
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert (ours - theirs).norm() <= 1e-5 * theirs.norm(), name

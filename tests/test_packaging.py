@@ -1,0 +1,34 @@
+"""`pip install .` (not only editable) ships the kernels, inside the package, never as top-level `kernels`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_kernels_inside_the_package(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("fastadv-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "fastadv/kernels/rows.py" in names and "fastadv/kernels/__init__.py" in names
+    assert "fastadv/ops/rows.py" in names and "fastadv/methods/fgm.py" in names
+    assert not [n for n in names if n.startswith("kernels/")], "kernels/ must not install as a top-level module"
+
+
+def test_installed_kernels_are_the_repositorys():
+    import fastadv.kernels
+
+    assert Path(fastadv.kernels.__file__).resolve().parent in {
+        ROOT / "kernels",
+        Path(fastadv.__file__).parent / "kernels",
+    }
