@@ -1,0 +1,79 @@
+"""attack() and restore() never wait for the device: no .item(), bool(), nonzero() or unique() on the path.
+
+On CUDA the check is torch.cuda.set_sync_debug_mode("error"). On any device, every tensor operation
+that would sync the host with a CUDA device is made to raise while attack/restore run, and the
+row set takes the static-shape form that CUDA uses (sorted ids with first-occurrence flags).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+from conftest import DEVICE
+from models import batches, bert_loss, tiny_bert
+
+import fastadv.target
+from fastadv import FGM
+from fastadv.ops import row_set_from_ids
+
+SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu")
+SYNCING_FUNCTIONS = ("nonzero", "unique", "masked_select", "argwhere")
+
+
+@contextlib.contextmanager
+def host_syncs_forbidden(monkeypatch: pytest.MonkeyPatch):
+    def refuse(name):
+        def raiser(*args, **kwargs):
+            raise AssertionError(f"{name} syncs the host with the device, and ran inside attack/restore")
+
+        return raiser
+
+    with monkeypatch.context() as patch:
+        for name in SYNCING_METHODS:
+            patch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+        for name in SYNCING_FUNCTIONS:
+            patch.setattr(torch, name, refuse(f"torch.{name}"))
+        getitem = torch.Tensor.__getitem__
+
+        def checked_getitem(self, index):
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+                raise AssertionError("boolean-mask indexing syncs the host, and ran inside attack/restore")
+            return getitem(self, index)
+
+        patch.setattr(torch.Tensor, "__getitem__", checked_getitem)
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            if DEVICE == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("emb_name", [None, "emb"], ids=["input-embedding", "several-parameters"])
+def test_attack_and_restore_never_sync(backend, monkeypatch, emb_name):
+    monkeypatch.setattr(fastadv.target, "row_set_from_ids", functools.partial(row_set_from_ids, static_shape=True))
+    model = tiny_bert()
+    fgm = FGM(model, emb_name=emb_name)
+    ids, labels = batches(1)[0]
+    bert_loss(model, ids, labels).backward()
+    before = model.get_input_embeddings().weight.detach().clone()
+    with host_syncs_forbidden(monkeypatch):
+        fgm.attack()
+        fgm.restore()
+        fgm.attack()
+    perturbed = model.get_input_embeddings().weight.detach().clone()
+    with host_syncs_forbidden(monkeypatch):
+        fgm.restore()
+    assert not torch.equal(perturbed, before), "attack changed nothing: the check would prove nothing"
+    assert torch.equal(model.get_input_embeddings().weight, before)
+
+
+def test_the_guard_catches_a_sync(monkeypatch):
+    """The guard itself: a path that calls .item() is caught."""
+    with host_syncs_forbidden(monkeypatch), pytest.raises(AssertionError, match=r"Tensor\.item"):
+        torch.ones(2, device=DEVICE).sum().item()
