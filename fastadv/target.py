@@ -100,7 +100,8 @@ class LookupRecorder:
         self._accumulated_since_reset = False
         self._warned_growth = False
         self.compact_at = self.COMPACT_FLOOR + 4 * weight.shape[0]
-        self._handles = [weight.register_post_accumulate_grad_hook(self._on_accumulate)]
+        self._handles: list = []
+        self._watching_accumulation = False  # registered at the first lookup that needs a gradient
 
     def attach(self, module: nn.Module) -> None:
         """Record the lookups of ``module`` (an nn.Embedding whose weight is ``self.weight``)."""
@@ -110,10 +111,14 @@ class LookupRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._watching_accumulation = False
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+        if not (torch.is_grad_enabled() and self.weight.requires_grad and isinstance(output, torch.Tensor)):
             return
+        if not self._watching_accumulation:  # a frozen weight refuses this hook, so it waits until now
+            self._handles.append(self.weight.register_post_accumulate_grad_hook(self._on_accumulate))
+            self._watching_accumulation = True
         ids = (args[0] if args else kwargs["input"]).detach()
         output.register_hook(lambda grad: self._on_backward(ids))
 
@@ -154,16 +159,15 @@ class LookupRecorder:
 
 
 def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:
-    """One recorder per trainable embedding table of ``model``, keyed by ``id(weight)``.
+    """One recorder per embedding table of ``model``, keyed by ``id(weight)``.
 
-    Every nn.Embedding is watched, so any table can be named later, as the snippet allows with
-    ``attack(emb_name=...)``; a lookup costs one list append and one tensor hook.
+    Every nn.Embedding is watched, frozen ones too (they may be unfrozen later), so any table can
+    be named later, as the snippet allows with ``attack(emb_name=...)``. A lookup that needs a
+    gradient costs one tensor hook and one list append; other lookups cost a flag check.
     """
     recorders: dict[int, LookupRecorder] = {}
     for _, module in _embedding_modules(model):
         weight = module.weight
-        if not weight.requires_grad:
-            continue
         recorder = recorders.get(id(weight))
         if recorder is None:
             recorder = recorders[id(weight)] = LookupRecorder(weight)
@@ -267,7 +271,7 @@ def resolve_targets(model: nn.Module, emb_name: str | None, recorders: dict[int,
     if emb_name is None:
         module_name, module = find_input_embedding(model)
         name = f"{module_name}.weight" if module_name else "weight"
-        target = WeightTarget(name, module.weight, recorders.get(id(module.weight)))
+        target = WeightTarget(name, module.weight, _recorder_of_table(name, module.weight, recorders))
         target.check_trainable()
         return [target]
     if not isinstance(emb_name, str) or not emb_name:
@@ -287,7 +291,20 @@ def resolve_targets(model: nn.Module, emb_name: str | None, recorders: dict[int,
             f"emb_name={emb_name!r} matches only frozen parameters ({names}), so nothing would be perturbed. "
             f"Unfreeze them with requires_grad_(True), or {OUTPUT_MODE_HINT}."
         )
-    return [WeightTarget(n, p, recorders.get(id(p))) for n, p in trainable]
+    tables = {id(m.weight) for _, m in _embedding_modules(model)}
+    return [WeightTarget(n, p, _recorder_of_table(n, p, recorders) if id(p) in tables else None) for n, p in trainable]
+
+
+def _recorder_of_table(name: str, weight: nn.Parameter, recorders: dict[int, LookupRecorder]) -> LookupRecorder:
+    """The recorder of an embedding table; a table without one would silently cost a dense V x d pass."""
+    recorder = recorders.get(id(weight))
+    if recorder is None:
+        raise EmbeddingNotFoundError(
+            f"'{name}' is an embedding table that fastadv does not watch: it was added to the model after the "
+            "fastadv object was created, or the object's hooks were removed. Create the fastadv object after "
+            "the model is built, and keep it for the whole training run."
+        )
+    return recorder
 
 
 def tied_targets(model: nn.Module, targets: list[WeightTarget]) -> Iterator[tuple[WeightTarget, list[str]]]:

@@ -251,3 +251,40 @@ def test_zero_grad_keep_tensors_stays_exact_and_warns(backend, monkeypatch):
     assert len([w for w in caught if issubclass(w.category, FastAdvWarning)]) == 1
     for (name, ours), theirs in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert (ours - theirs).norm() <= 1e-5 * theirs.norm(), name
+
+
+def test_hooks_come_off_when_fgm_is_dropped_or_removed():
+    import gc
+
+    model = tiny_bert()
+
+    def hook_count():
+        table = model.get_input_embeddings()
+        return len(table._forward_hooks) + len(table.weight._post_accumulate_grad_hooks or {})
+
+    fgm = FGM(model)
+    bert_loss(model, *batches(1)[0]).backward()
+    assert hook_count() == 2
+    del fgm
+    gc.collect()
+    assert hook_count() == 0
+    model.zero_grad()
+    fgm = FGM(model)
+    fgm.remove_hooks()
+    assert hook_count() == 0
+    bert_loss(model, *batches(1)[0]).backward()
+    with pytest.raises(EmbeddingNotFoundError, match="does not watch"):
+        fgm.attack()
+
+
+def test_embedding_frozen_at_creation_and_unfrozen_later_is_watched(backend):
+    model = tiny_bert()
+    table = model.get_input_embeddings()
+    table.weight.requires_grad_(False)
+    fgm = FGM(model, emb_name="LayerNorm")  # builds fine: other trainable parameters match
+    table.weight.requires_grad_(True)
+    bert_loss(model, *batches(1)[0]).backward()
+    before = table.weight.detach().clone()
+    with fgm.perturbed(emb_name="word_embeddings"):
+        changed = (table.weight != before).any(dim=1)
+    assert 0 < int(changed.sum()) < table.weight.shape[0], "not a sparse row update"

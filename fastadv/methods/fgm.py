@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -83,6 +84,8 @@ class FGM:
         self.norm: Norm = norm
         self.backend: Backend | None = None  # the backend of the last attack()
         self._recorders = attach_recorders(model)
+        # The hooks hold the recorders, not this object: when it is collected, they come off the model.
+        self._detach = weakref.finalize(self, _remove_recorders, self._recorders)
         self._targets_by_name: dict[str | None, list[WeightTarget]] = {}
         self._attacked: list[WeightTarget] | None = None
         self._skipped: torch.Tensor | None = None
@@ -153,9 +156,9 @@ class FGM:
     # ------------------------------------------------------------ conveniences
 
     @contextmanager
-    def perturbed(self, epsilon: float | None = None) -> Iterator[FGM]:
+    def perturbed(self, epsilon: float | None = None, emb_name: str | None = None) -> Iterator[FGM]:
         """``with fgm.perturbed():`` attacks on entry and restores on exit, exceptions included."""
-        self.attack(epsilon)
+        self.attack(epsilon, emb_name)
         try:
             yield self
         finally:
@@ -185,10 +188,8 @@ class FGM:
         return 0 if self._skipped is None else int(self._skipped)
 
     def remove_hooks(self) -> None:
-        """Detach the lookup hooks from the model (this FGM cannot attack afterwards)."""
-        for recorder in self._recorders.values():
-            recorder.remove()
-        self._recorders.clear()
+        """Detach the lookup hooks from the model now (done anyway when this FGM is collected)."""
+        self._detach()
         self._targets_by_name.clear()
 
     # ------------------------------------------------------------ internals
@@ -218,3 +219,9 @@ class FGM:
 
 def _plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
+
+
+def _remove_recorders(recorders: dict) -> None:
+    for recorder in recorders.values():
+        recorder.remove()
+    recorders.clear()
