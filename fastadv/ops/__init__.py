@@ -3,6 +3,7 @@
 from .backend import Backend, resolve_backend
 from .rows import (
     RowSet,
+    gather_gradient_rows,
     row_block_sizes,
     row_set_from_ids,
     rows_backup_add,
@@ -16,6 +17,7 @@ from .rows import (
 __all__ = [
     "Backend",
     "RowSet",
+    "gather_gradient_rows",
     "resolve_backend",
     "row_block_sizes",
     "row_set_from_ids",

@@ -20,6 +20,7 @@ from .backend import Backend, kernels, resolve_backend
 
 __all__ = [
     "RowSet",
+    "gather_gradient_rows",
     "row_block_sizes",
     "row_set_from_ids",
     "rows_backup_add",
@@ -88,12 +89,26 @@ def _check_2d(name: str, t: torch.Tensor) -> None:
 # ---------------------------------------------------------------- sum of squares
 
 
+def gather_gradient_rows(grad: torch.Tensor, row_set: RowSet, backend: Backend) -> tuple[torch.Tensor, RowSet]:
+    """For the torch path, copy the gradient rows once into a compact [N, D] matrix.
+
+    Both the norm and the scaled add then read that copy instead of gathering the scattered rows
+    twice. The Triton kernels gather in-kernel, so for them the inputs come back unchanged.
+    """
+    if backend != "torch":
+        return grad, row_set
+    compact = grad.index_select(0, row_set.grad_rows)
+    return compact, RowSet(row_set.rows, torch.arange(len(row_set), device=grad.device), row_set.first)
+
+
 def rows_sum_of_squares_reference(grad: torch.Tensor, row_set: RowSet) -> torch.Tensor:
     """Torch reference. grad: [R, D]. Returns a 0-dim fp32 tensor: sum of squares of the distinct rows."""
-    per_slot = grad.index_select(0, row_set.grad_rows).float().square().sum(dim=1)
-    if row_set.first is not None:
-        per_slot = torch.where(row_set.first, per_slot, 0.0)
-    return per_slot.sum()
+    g = grad.index_select(0, row_set.grad_rows).float()
+    if row_set.first is None:  # distinct rows: one fp32 dot product
+        flat = g.reshape(-1)
+        return torch.dot(flat, flat)
+    per_slot = torch.einsum("nd,nd->n", g, g)
+    return torch.where(row_set.first, per_slot, 0.0).sum()
 
 
 def rows_sum_of_squares(grad: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> torch.Tensor:
@@ -130,12 +145,17 @@ def rows_backup_add_reference(
 ) -> torch.Tensor:
     """Torch reference of :func:`rows_backup_add`. Returns the saved rows, [N, D] in weight's dtype."""
     backup = weight.index_select(0, row_set.rows)
-    g = grad.index_select(0, row_set.grad_rows).float()
-    delta = epsilon * torch.sign(g) if sign else epsilon * g / norm
-    original = backup.float()
-    perturbed = torch.where(ok, original + delta, original).to(weight.dtype)
+    # One fp32 working copy of the gradient rows (index_select always copies), updated in place:
+    # delta = epsilon * g / norm, then the perturbed row = delta + w, in the snippet's order.
+    work = grad.index_select(0, row_set.grad_rows).float()
+    if sign:
+        work.sign_().mul_(epsilon)
+    else:
+        work.mul_(epsilon).div_(norm)
+    work.add_(backup)
+    torch.where(ok, work, backup, out=work)  # a skipped step writes the saved rows back, bit for bit
     # Duplicate slots hold identical values, so copying them all writes each row once in effect.
-    weight.index_copy_(0, row_set.rows, perturbed)
+    weight.index_copy_(0, row_set.rows, work.to(weight.dtype))
     return backup
 
 
