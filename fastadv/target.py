@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
-from .ops import RowSet, gather_gradient_rows, row_set_from_ids, rows_backup_add, rows_restore, rows_sum_of_squares
+from .ops import RowSet, row_set_from_ids, rows_backup_add, rows_restore, rows_sum_of_squares
 from .ops.backend import Backend
 
 OUTPUT_MODE_HINT = (
@@ -244,7 +244,6 @@ class WeightTarget:
     def sum_of_squares(self, backend: Backend) -> torch.Tensor:
         """fp32 0-dim: the squared L2 norm of the gradient (over its non-zero rows)."""
         assert self._grad is not None and self._rows is not None, "prepare() first"
-        self._grad, self._rows = gather_gradient_rows(self._grad, self._rows, backend)
         return rows_sum_of_squares(self._grad, self._rows, backend)
 
     def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:

@@ -3,7 +3,6 @@
 from .backend import Backend, resolve_backend
 from .rows import (
     RowSet,
-    gather_gradient_rows,
     row_block_sizes,
     row_set_from_ids,
     rows_backup_add,
@@ -17,7 +16,6 @@ from .rows import (
 __all__ = [
     "Backend",
     "RowSet",
-    "gather_gradient_rows",
     "resolve_backend",
     "row_block_sizes",
     "row_set_from_ids",
