@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
-from .ops import RowSet, row_set_from_ids, rows_backup_add, rows_restore, rows_sum_of_squares
+from .ops import RowSet, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_restore
 from .ops.backend import Backend
 
 OUTPUT_MODE_HINT = (
@@ -241,10 +241,10 @@ class WeightTarget:
             all_rows = torch.arange(n, device=grad.device)
             self._rows = RowSet(all_rows, all_rows)
 
-    def sum_of_squares(self, backend: Backend) -> torch.Tensor:
-        """fp32 0-dim: the squared L2 norm of the gradient (over its non-zero rows)."""
+    def gradient_norm(self, backend: Backend) -> torch.Tensor:
+        """fp32 0-dim: the L2 norm of the gradient (over its non-zero rows)."""
         assert self._grad is not None and self._rows is not None, "prepare() first"
-        return rows_sum_of_squares(self._grad, self._rows, backend)
+        return rows_l2_norm(self._grad, self._rows, backend)
 
     def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
         """Save the rows, then add the perturbation to them in place (unless ``ok`` is False)."""

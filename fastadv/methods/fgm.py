@@ -116,10 +116,9 @@ class FGM:
             target.prepare()
         device = targets[0].param.device
         backend = resolve_backend(device)
-        sums = torch.stack([t.sum_of_squares(backend).to(device) for t in targets])
+        norms = torch.stack([t.gradient_norm(backend).to(device) for t in targets])
         # A non-finite gradient anywhere skips the whole step, on the device: weights stay untouched.
-        finite = torch.isfinite(sums).all()
-        norms = sums.sqrt()
+        finite = torch.isfinite(norms).all()
         done: list[WeightTarget] = []
         try:
             for target, norm in zip(targets, norms, strict=True):

@@ -7,10 +7,10 @@ from .rows import (
     row_set_from_ids,
     rows_backup_add,
     rows_backup_add_reference,
+    rows_l2_norm,
+    rows_l2_norm_reference,
     rows_restore,
     rows_restore_reference,
-    rows_sum_of_squares,
-    rows_sum_of_squares_reference,
 )
 
 __all__ = [
@@ -21,8 +21,8 @@ __all__ = [
     "row_set_from_ids",
     "rows_backup_add",
     "rows_backup_add_reference",
+    "rows_l2_norm",
+    "rows_l2_norm_reference",
     "rows_restore",
     "rows_restore_reference",
-    "rows_sum_of_squares",
-    "rows_sum_of_squares_reference",
 ]

@@ -2,7 +2,7 @@
 
 A :class:`RowSet` says which rows of a [V, D] weight an op touches. Three ops act on it:
 
-- :func:`rows_sum_of_squares`: sum over the distinct rows of ||g_row||^2, accumulated in fp32;
+- :func:`rows_l2_norm`: the L2 norm of the gradient over the distinct rows, accumulated in fp32;
 - :func:`rows_backup_add`: save the rows, then add ``epsilon * g / norm`` (or ``epsilon * sign(g)``)
   in place, unless the device flag ``ok`` says to skip;
 - :func:`rows_restore`: copy the saved rows back, bit for bit.
@@ -24,10 +24,10 @@ __all__ = [
     "row_set_from_ids",
     "rows_backup_add",
     "rows_backup_add_reference",
+    "rows_l2_norm",
+    "rows_l2_norm_reference",
     "rows_restore",
     "rows_restore_reference",
-    "rows_sum_of_squares",
-    "rows_sum_of_squares_reference",
 ]
 
 
@@ -88,26 +88,35 @@ def _check_2d(name: str, t: torch.Tensor) -> None:
 # ---------------------------------------------------------------- sum of squares
 
 
-def rows_sum_of_squares_reference(grad: torch.Tensor, row_set: RowSet) -> torch.Tensor:
-    """Torch reference. grad: [R, D]. Returns a 0-dim fp32 tensor: sum of squares of the distinct rows."""
-    g = grad.index_select(0, row_set.grad_rows).float()
-    # Short fp32 dots per row, then a pairwise sum over rows: one long sequential fp32 dot (BLAS)
-    # drifts by ~1e-5 relative over millions of elements.
+def rows_l2_norm_reference(grad: torch.Tensor, row_set: RowSet) -> torch.Tensor:
+    """Torch reference. grad: [R, D]. Returns a 0-dim fp32 tensor: the L2 norm over the distinct rows.
+
+    An fp32 gradient on distinct rows goes through torch's own norm, the reduction the snippet's
+    ``torch.norm(grad)`` runs: over sorted distinct rows it gives the snippet's number (bitwise or
+    within an ulp on CPU, where torch's fp32 norm itself is off the exact value by up to ~6e-5 over
+    millions of elements). Otherwise (flagged slots, half precision, whose snippet norm is rounded
+    to 8 or 11 bits anyway) rows are summed as short fp32 dots, then pairwise.
+    """
+    g = grad.index_select(0, row_set.grad_rows)
+    if row_set.first is None and g.dtype == torch.float32:
+        return torch.linalg.vector_norm(g)
+    g = g.float()
     per_slot = torch.einsum("nd,nd->n", g, g)
     if row_set.first is not None:
         per_slot = torch.where(row_set.first, per_slot, 0.0)
-    return per_slot.sum()
+    return per_slot.sum().sqrt()
 
 
-def rows_sum_of_squares(grad: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> torch.Tensor:
-    """Sum of squares of the gradient over the distinct rows of ``row_set``, in fp32 (0-dim tensor).
+def rows_l2_norm(grad: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> torch.Tensor:
+    """The L2 norm of the gradient over the distinct rows of ``row_set``, in fp32 (0-dim tensor).
 
-    grad: [R, D], any float dtype and strides. Deterministic: one partial per program, then a sum.
+    grad: [R, D], any float dtype and strides. The kernel is deterministic: one fp32 partial sum of
+    squares per program, then a sum.
     """
     _check_2d("grad", grad)
     backend = backend or resolve_backend(grad.device)
     if backend == "torch" or len(row_set) == 0:
-        return rows_sum_of_squares_reference(grad, row_set)
+        return rows_l2_norm_reference(grad, row_set)
     block_n, block_d = row_block_sizes(grad.shape[1])
     grid = (_cdiv(len(row_set), block_n),)
     partial = torch.empty(grid[0], dtype=torch.float32, device=grad.device)
@@ -116,7 +125,7 @@ def rows_sum_of_squares(grad: torch.Tensor, row_set: RowSet, backend: Backend | 
         len(row_set), grad.shape[1], grad.stride(0), grad.stride(1),
         HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
-    return partial.sum()
+    return partial.sum().sqrt()
 
 
 # ---------------------------------------------------------------- backup + scaled add
