@@ -121,3 +121,31 @@ def rows_restore_kernel(
         m = m_n[:, None] & (o_d < D)[None, :]
         b_backup = tl.load(backup_ptr + o_n[:, None].to(tl.int64) * D + o_d64, mask=m, other=0.0)
         tl.store(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, b_backup, mask=m)
+
+
+@triton.jit
+def segment_sum_kernel(
+    values_ptr,  # [N, D] with strides (stride_v_row, stride_v_col): one row per token position
+    order_ptr,  # int64 [N]: positions sorted by token id (values row of each sorted slot)
+    seg_end_ptr,  # int64 [N]: for a first slot, one past the last slot holding the same id
+    first_ptr,  # uint8 [N]: 1 on the first slot of each id
+    out_ptr,  # fp32 [N, D] contiguous: row i receives the sum of its id's rows when slot i is first
+    N,
+    D,
+    stride_v_row,
+    stride_v_col,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (slot, column block); a deterministic in-order sum, no atomics.
+    i_n, i_d = tl.program_id(0), tl.program_id(1)
+    if tl.load(first_ptr + i_n) != 0:
+        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+        m_d = o_d < D
+        o_d64 = o_d.to(tl.int64)
+        b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in range(i_n, tl.load(seg_end_ptr + i_n)):
+            b_pos = tl.load(order_ptr + j).to(tl.int64)
+            b_acc += tl.load(values_ptr + b_pos * stride_v_row + o_d64 * stride_v_col, mask=m_d, other=0.0).to(
+                tl.float32
+            )
+        tl.store(out_ptr + i_n * D + o_d64, b_acc, mask=m_d)

@@ -12,6 +12,7 @@ from .rows import (
     rows_restore,
     rows_restore_reference,
 )
+from .segments import segment_sum_by_id, segment_sum_by_id_reference
 
 __all__ = [
     "Backend",
@@ -25,4 +26,6 @@ __all__ = [
     "rows_l2_norm_reference",
     "rows_restore",
     "rows_restore_reference",
+    "segment_sum_by_id",
+    "segment_sum_by_id_reference",
 ]
