@@ -7,8 +7,10 @@ nothing about the perturbation's size: methods pass epsilon, the norm and the sk
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
+from typing import Literal, Union
 
 import torch
 from torch import nn
@@ -16,11 +18,12 @@ from torch import nn
 from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
 from .ops import RowSet, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_restore
 from .ops.backend import Backend
+from .output_target import OutputTarget
 
-OUTPUT_MODE_HINT = (
-    "perturb the embedding output instead of the weight (output-mode perturbation, DESIGN.md section 3; "
-    "not yet available in fastadv 0.1)"
-)
+OUTPUT_MODE_HINT = "perturb the embedding's output instead of its weight with target='output' (or 'auto')"
+TargetMode = Literal["auto", "weight", "output"]
+Target = Union["WeightTarget", OutputTarget]
+logger = logging.getLogger("fastadv")
 
 
 # ---------------------------------------------------------------- finding the embedding
@@ -214,7 +217,7 @@ class WeightTarget:
                 f"perturb along. Unfreeze it with requires_grad_(True), or {OUTPUT_MODE_HINT}."
             )
 
-    def prepare(self) -> None:
+    def prepare(self, backend: Backend) -> None:
         """Take the gradient and the rows it lives on; raises before anything is modified."""
         self.check_trainable()
         grad = self.param.grad
@@ -261,38 +264,88 @@ class WeightTarget:
         self._backup = self._rows = self._backend = None
 
 
-def resolve_targets(model: nn.Module, emb_name: str | None, recorders: dict[int, LookupRecorder]) -> list[WeightTarget]:
-    """The parameters to perturb.
+def is_sharded(param: torch.Tensor) -> bool:
+    """True for a parameter an engine has sharded (a DTensor, as FSDP2 makes)."""
+    return type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor"
 
-    emb_name None: the input embedding's weight. Otherwise, as the snippet does, every trainable
-    parameter whose name contains ``emb_name``: embedding tables on their touched rows, any other
-    parameter (e.g. a LayerNorm weight under emb_name='emb') whole.
+
+def resolve_targets(
+    model: nn.Module,
+    emb_name: str | None,
+    recorders: dict[int, LookupRecorder],
+    mode: TargetMode = "weight",
+    share_rows: bool = True,
+    outputs: dict[int, OutputTarget] | None = None,
+) -> list[Target]:
+    """The places to perturb.
+
+    emb_name None: the input embedding. Otherwise, as the snippet does, every parameter whose name
+    contains ``emb_name``: embedding tables on their touched rows (weight mode) or their output
+    (output mode), any other trainable parameter (e.g. a LayerNorm weight under emb_name='emb')
+    whole, in weight mode. ``mode='auto'`` keeps weight rows where that is valid and exact
+    (trainable, not tied, not sharded) and perturbs the output elsewhere, logged once at INFO.
+    ``outputs`` caches one OutputTarget (one hook) per module across calls.
     """
+    outputs = {} if outputs is None else outputs
+    tables = {id(m.weight): (n, m) for n, m in _embedding_modules(model)}
     if emb_name is None:
         module_name, module = find_input_embedding(model)
-        name = f"{module_name}.weight" if module_name else "weight"
-        target = WeightTarget(name, module.weight, _recorder_of_table(name, module.weight, recorders))
-        target.check_trainable()
-        return [target]
-    if not isinstance(emb_name, str) or not emb_name:
-        raise EmbeddingNotFoundError(f"emb_name must be a non-empty string, found {emb_name!r}.")
-    matched = [(n, p) for n, p in model.named_parameters() if emb_name in n]
-    if not matched:
-        found = ", ".join(f"'{n}'" for n in embedding_like_names(model)) or "none"
-        raise EmbeddingNotFoundError(
-            f"emb_name={emb_name!r} matches no parameter of {type(model).__name__}, so nothing would be "
-            f"perturbed. Embedding-like parameters found: {found}. Pass a substring of one of them, or "
-            "emb_name=None for the input embedding."
-        )
-    trainable = [(n, p) for n, p in matched if p.requires_grad]
-    if not trainable:
+        matched = [(f"{module_name}.weight" if module_name else "weight", module.weight)]
+    else:
+        if not isinstance(emb_name, str) or not emb_name:
+            raise EmbeddingNotFoundError(f"emb_name must be a non-empty string, found {emb_name!r}.")
+        matched = [(n, p) for n, p in model.named_parameters() if emb_name in n]
+        if not matched:
+            found = ", ".join(f"'{n}'" for n in embedding_like_names(model)) or "none"
+            raise EmbeddingNotFoundError(
+                f"emb_name={emb_name!r} matches no parameter of {type(model).__name__}, so nothing would be "
+                f"perturbed. Embedding-like parameters found: {found}. Pass a substring of one of them, or "
+                "emb_name=None for the input embedding."
+            )
+    targets: list[Target] = []
+    for name, param in matched:
+        table = tables.get(id(param))
+        if table is None:  # not an embedding table: perturbed whole, in weight mode, as the snippet does
+            if not param.requires_grad:
+                continue
+            if mode == "output":
+                raise EmbeddingNotFoundError(
+                    f"target='output' perturbs embedding lookups, and '{name}' is not the weight of an nn.Embedding. "
+                    "Pass an emb_name that matches embedding tables only, or use target='weight' or 'auto'."
+                )
+            targets.append(WeightTarget(name, param, None))
+            continue
+        reason = _output_mode_reason(model, param) if mode != "weight" else None
+        if mode == "output" or reason is not None:
+            if mode == "auto":
+                logger.info("fastadv: perturbing the output of '%s' (target='output'): %s.", name, reason)
+            module = table[1]
+            if id(module) not in outputs:
+                outputs[id(module)] = OutputTarget(name, module, share_rows)
+            targets.append(outputs[id(module)])
+        elif param.requires_grad or emb_name is None:
+            targets.append(WeightTarget(name, param, _recorder_of_table(name, param, recorders)))
+    if not targets:
         names = ", ".join(f"'{n}'" for n, _ in matched)
         raise FrozenEmbeddingError(
             f"emb_name={emb_name!r} matches only frozen parameters ({names}), so nothing would be perturbed. "
             f"Unfreeze them with requires_grad_(True), or {OUTPUT_MODE_HINT}."
         )
-    tables = {id(m.weight) for _, m in _embedding_modules(model)}
-    return [WeightTarget(n, p, _recorder_of_table(n, p, recorders) if id(p) in tables else None) for n, p in trainable]
+    for target in targets:
+        target.check_trainable()
+    return targets
+
+
+def _output_mode_reason(model: nn.Module, weight: nn.Parameter) -> str | None:
+    """Why weight-row perturbation would be wrong for this table (None when it is valid and exact)."""
+    if not weight.requires_grad:
+        return "the embedding is frozen, so its weight has no gradient"
+    if is_sharded(weight):
+        return "the embedding is sharded, so its rows are not all on this rank"
+    names = shared_parameter_names(model, weight)
+    if len(names) > 1:
+        return f"the embedding is tied to {', '.join(repr(n) for n in names[1:])}, which weight rows would perturb too"
+    return None
 
 
 def _recorder_of_table(name: str, weight: nn.Parameter, recorders: dict[int, LookupRecorder]) -> LookupRecorder:
@@ -307,10 +360,10 @@ def _recorder_of_table(name: str, weight: nn.Parameter, recorders: dict[int, Loo
     return recorder
 
 
-def tied_targets(model: nn.Module, targets: list[WeightTarget]) -> Iterator[tuple[WeightTarget, list[str]]]:
+def tied_targets(model: nn.Module, targets: list[Target]) -> Iterator[tuple[WeightTarget, list[str]]]:
     """Row targets whose weight is also used under another name (tied input/output embeddings)."""
     for target in targets:
-        if target.recorder is None:
+        if not isinstance(target, WeightTarget) or target.recorder is None:
             continue
         names = shared_parameter_names(model, target.param)
         if len(names) > 1:

@@ -39,7 +39,7 @@ def tiny_gpt2(vocab: int = VOCAB, tied: bool = True, seed: int = 0) -> nn.Module
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=vocab, n_embd=48, n_layer=1, n_head=4, n_positions=32,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0,
     )  # fmt: skip
     return GPT2LMHeadModel(config).to(DEVICE)
 

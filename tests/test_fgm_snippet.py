@@ -260,7 +260,7 @@ def test_tied_embeddings_perturb_only_the_batch_rows_and_warn_once(backend):
     model = tiny_gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
     with pytest.warns(FastAdvWarning, match="tied") as caught:
-        fgm = FGM(model)
+        fgm = FGM(model, target="weight")
     ids = batches(1, seq=9)[0][0]
     weight = model.transformer.wte.weight
     original = weight.detach().clone()

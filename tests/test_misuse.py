@@ -79,13 +79,14 @@ def test_fgm_created_after_the_forward_pass():
         fgm.attack()
 
 
-def test_frozen_embedding_points_to_output_mode():
+def test_frozen_embedding_in_weight_mode_points_to_output_mode():
     model = tiny_bert()
     model.get_input_embeddings().weight.requires_grad_(False)
-    with pytest.raises(FrozenEmbeddingError, match=r"does not require grad.*output"):
-        FGM(model)
+    with pytest.raises(FrozenEmbeddingError, match=r"does not require grad.*target='output'"):
+        FGM(model, target="weight")
     with pytest.raises(FrozenEmbeddingError, match="matches only frozen parameters"):
-        FGM(model, emb_name="word_embeddings")
+        FGM(model, emb_name="word_embeddings", target="weight")
+    assert FGM(model).target == "auto"  # auto takes the output there instead
 
 
 def test_embedding_frozen_after_construction():

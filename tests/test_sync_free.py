@@ -15,9 +15,10 @@ import torch
 from conftest import DEVICE
 from models import batches, bert_loss, tiny_bert
 
+import fastadv.output_target
 import fastadv.target
 from fastadv import FGM
-from fastadv.ops import row_set_from_ids
+from fastadv.ops import row_set_from_ids, segment_sum_by_id
 
 SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu")
 SYNCING_FUNCTIONS = ("nonzero", "unique", "masked_select", "argwhere")
@@ -54,22 +55,35 @@ def host_syncs_forbidden(monkeypatch: pytest.MonkeyPatch):
                 torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("emb_name", [None, "emb"], ids=["input-embedding", "several-parameters"])
-def test_attack_and_restore_never_sync(backend, monkeypatch, emb_name):
+@pytest.mark.parametrize(
+    "emb_name,target,share_rows",
+    [
+        (None, "weight", True),
+        ("emb", "weight", True),
+        (None, "output", True),
+        (None, "output", False),
+    ],
+    ids=["input-embedding", "several-parameters", "output-shared-rows", "output-per-position"],
+)
+def test_attack_and_restore_never_sync(backend, monkeypatch, emb_name, target, share_rows):
     monkeypatch.setattr(fastadv.target, "row_set_from_ids", functools.partial(row_set_from_ids, static_shape=True))
+    static_segments = functools.partial(segment_sum_by_id, static_shape=True)
+    monkeypatch.setattr(fastadv.output_target, "segment_sum_by_id", static_segments)
     model = tiny_bert()
-    fgm = FGM(model, emb_name=emb_name)
+    fgm = FGM(model, emb_name=emb_name, target=target, share_rows=share_rows)
     ids, labels = batches(1)[0]
     bert_loss(model, ids, labels).backward()
     before = model.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():  # forwards without gradients leave the captured micro-batch alone
+        clean = model(input_ids=ids).logits
     with host_syncs_forbidden(monkeypatch):
         fgm.attack()
         fgm.restore()
         fgm.attack()
-    perturbed = model.get_input_embeddings().weight.detach().clone()
-    with host_syncs_forbidden(monkeypatch):
+        with torch.no_grad():
+            perturbed = model(input_ids=ids).logits  # the output hook runs sync-free too
         fgm.restore()
-    assert not torch.equal(perturbed, before), "attack changed nothing: the check would prove nothing"
+    assert not torch.equal(perturbed, clean), "attack changed nothing: the check would prove nothing"
     assert torch.equal(model.get_input_embeddings().weight, before)
 
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
 from ..ops import Backend, resolve_backend
-from ..target import WeightTarget, attach_recorders, resolve_targets, tied_targets
+from ..output_target import OutputTarget
+from ..target import Target, TargetMode, attach_recorders, resolve_targets, tied_targets
 
 Norm = Literal["l2", "sign"]
 Closure = Callable[[], torch.Tensor]
@@ -54,6 +55,14 @@ class FGM:
             nn.Embedding). A string perturbs, as the snippet does, every trainable parameter whose
             name contains it, each with its own norm.
         norm: "l2" (FGM) or "sign" (FGSM: ``epsilon * sign(g)``).
+        target: where the perturbation lives. "weight": the touched rows of the embedding weight,
+            restored afterwards (the snippet's numbers). "output": added to the embedding's output
+            in a forward hook, the weight never written: works for frozen (LoRA/PEFT), tied and
+            sharded embeddings, and uses the current micro-batch's gradient only. "auto" (default):
+            weight rows where they are valid and exact, the output elsewhere (logged at INFO).
+        share_rows: output mode only. True: one delta per distinct token id, from dL/de summed per
+            id (the same perturbation as weight mode where both apply). False: one delta per token
+            position (B x T x d), normalized over the batch.
 
     Usage::
 
@@ -73,21 +82,28 @@ class FGM:
         epsilon: float = 1.0,
         emb_name: str | None = None,
         norm: Norm = "l2",
+        target: TargetMode = "auto",
+        share_rows: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"FGM needs the nn.Module being trained, found {type(model).__name__}.")
         if norm not in ("l2", "sign"):
             raise ValueError(f"norm must be 'l2' (FGM) or 'sign' (FGSM), found {norm!r}.")
+        if target not in ("auto", "weight", "output"):
+            raise ValueError(f"target must be 'auto', 'weight' or 'output', found {target!r}.")
         self.model = model
         self.epsilon = _check_epsilon(epsilon)
         self.emb_name = emb_name
         self.norm: Norm = norm
+        self.target: TargetMode = target
+        self.share_rows = bool(share_rows)
         self.backend: Backend | None = None  # the backend of the last attack()
         self._recorders = attach_recorders(model)
+        self._outputs: dict[int, OutputTarget] = {}  # one output hook per module, made on demand
         # The hooks hold the recorders, not this object: when it is collected, they come off the model.
-        self._detach = weakref.finalize(self, _remove_recorders, self._recorders)
-        self._targets_by_name: dict[str | None, list[WeightTarget]] = {}
-        self._attacked: list[WeightTarget] | None = None
+        self._detach = weakref.finalize(self, _remove_hooks, self._recorders, self._outputs)
+        self._targets_by_name: dict[str | None, list[Target]] = {}
+        self._attacked: list[Target] | None = None
         self._skipped: torch.Tensor | None = None
         self._warned_tied = False
         self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
@@ -112,14 +128,14 @@ class FGM:
             )
         epsilon = self.epsilon if epsilon is None else _check_epsilon(epsilon)
         targets = self._targets(self.emb_name if emb_name is None else emb_name)
-        for target in targets:
-            target.prepare()
         device = targets[0].param.device
         backend = resolve_backend(device)
+        for target in targets:
+            target.prepare(backend)
         norms = torch.stack([t.gradient_norm(backend).to(device) for t in targets])
         # A non-finite gradient anywhere skips the whole step, on the device: weights stay untouched.
         finite = torch.isfinite(norms).all()
-        done: list[WeightTarget] = []
+        done: list[Target] = []
         try:
             for target, norm in zip(targets, norms, strict=True):
                 ok = finite if self.norm == "sign" else finite & (norm > 0)
@@ -193,15 +209,17 @@ class FGM:
 
     # ------------------------------------------------------------ internals
 
-    def _targets(self, emb_name: str | None) -> list[WeightTarget]:
+    def _targets(self, emb_name: str | None) -> list[Target]:
         targets = self._targets_by_name.get(emb_name)
         if targets is None:
-            targets = resolve_targets(self.model, emb_name, self._recorders)
+            targets = resolve_targets(
+                self.model, emb_name, self._recorders, self.target, self.share_rows, self._outputs
+            )
             self._targets_by_name[emb_name] = targets
             self._warn_if_tied(targets)
         return targets
 
-    def _warn_if_tied(self, targets: list[WeightTarget]) -> None:
+    def _warn_if_tied(self, targets: list[Target]) -> None:
         for target, names in tied_targets(self.model, targets):
             if self._warned_tied:
                 return
@@ -210,7 +228,8 @@ class FGM:
                 f"'{target.name}' is tied to {', '.join(repr(n) for n in names if n != target.name)} (input and "
                 "output embeddings share one matrix). fastadv perturbs only the rows of the batch's tokens, "
                 "with the norm taken over those rows; the copied snippet perturbs every row of the shared "
-                "matrix, output projection included, so the numbers differ from the snippet on this model.",
+                "matrix, output projection included, so the numbers differ from the snippet on this model. "
+                "target='output' (or 'auto') perturbs the input lookup alone.",
                 FastAdvWarning,
                 stacklevel=3,
             )
@@ -220,7 +239,8 @@ def _plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
 
 
-def _remove_recorders(recorders: dict) -> None:
-    for recorder in recorders.values():
-        recorder.remove()
+def _remove_hooks(recorders: dict, outputs: dict) -> None:
+    for hooked in (*recorders.values(), *outputs.values()):
+        hooked.remove()
     recorders.clear()
+    outputs.clear()
