@@ -12,7 +12,7 @@ from .errors import (
     FrozenEmbeddingError,
     MissingGradientError,
 )
-from .methods import FGM
+from .methods import FGM, GradientPenalty
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "FastAdvError",
     "FastAdvWarning",
     "FrozenEmbeddingError",
+    "GradientPenalty",
     "MissingGradientError",
     "__version__",
 ]

@@ -12,8 +12,13 @@ gradient accumulation (it uses the current micro-batch's dL/de, never the accumu
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from .errors import MissingGradientError
 from .ops import RowSet, rows_l2_norm, segment_sum_by_id
@@ -136,3 +141,69 @@ class OutputTarget:
         seen = rows[slot] == flat
         delta = self._delta.index_select(0, self._rows.grad_rows[slot]) * seen[:, None]
         return delta.view(*ids.shape, -1)
+
+
+class EmbeddingOutputs:
+    """The recent lookups of one nn.Embedding, as gradient edges, and a delta added to the next ones.
+
+    For methods that need dL/de with respect to the embedding output e itself (the gradient
+    penalty): each lookup with gradients is remembered by its autograd edge, which holds no
+    activations, so ``torch.autograd.grad(loss, edges)`` gives dL/de, and ``create_graph=True``
+    its differentiable form. A frozen table's output is made a leaf that requires grad, so the
+    edge exists there too. While ``adding(deltas)`` is active, the i-th lookup gets ``deltas[i]``.
+    """
+
+    RECENT = 32  # lookups remembered; older ones belong to passes whose loss is long gone
+
+    def __init__(self, name: str, module: nn.Embedding) -> None:
+        self.name = name
+        self.module = module
+        self._edges: deque = deque(maxlen=self.RECENT)
+        self._deltas: list[torch.Tensor | None] | None = None
+        self._next = 0
+        self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def clear(self) -> None:
+        """Forget earlier lookups (before a pass whose lookups alone should count)."""
+        self._edges.clear()
+
+    @property
+    def edges(self) -> list:
+        return list(self._edges)
+
+    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        if self._deltas is not None:
+            if self._next >= len(self._deltas):
+                raise RuntimeError(
+                    f"the perturbed pass looked up '{self.name}' more often than the clean pass "
+                    f"({len(self._deltas)} times): the closure must run the same forward pass both times."
+                )
+            delta = self._deltas[self._next]
+            self._next += 1
+            if delta is None:  # this lookup did not reach the loss: nothing to add
+                return None
+            if delta.shape != output.shape:
+                raise RuntimeError(
+                    f"the perturbed pass looked up '{self.name}' with output shape {tuple(output.shape)}, the clean "
+                    f"pass with {tuple(delta.shape)}: the closure must run the same batch both times."
+                )
+            return output + delta.to(output.dtype)
+        if not torch.is_grad_enabled():
+            return None
+        replaced = None
+        if not output.requires_grad:
+            output = replaced = output.detach().requires_grad_()
+        self._edges.append(get_gradient_edge(output))
+        return replaced
+
+    @contextmanager
+    def adding(self, deltas: list[torch.Tensor | None]) -> Iterator[None]:
+        """Add ``deltas[i]`` to the i-th lookup inside the block (None: add nothing)."""
+        self._deltas, self._next = deltas, 0
+        try:
+            yield
+        finally:
+            self._deltas = None

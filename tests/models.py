@@ -12,8 +12,13 @@ from torch import nn
 VOCAB = 211
 
 
-def tiny_bert(vocab: int = VOCAB, hidden: int = 60, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-    """BertForSequenceClassification, 2 layers, odd hidden size, no dropout (so runs can be compared)."""
+def tiny_bert(
+    vocab: int = VOCAB, hidden: int = 60, dtype: torch.dtype = torch.float32, seed: int = 0, attention: str = "sdpa"
+) -> nn.Module:
+    """BertForSequenceClassification, 2 layers, odd hidden size, no dropout (so runs can be compared).
+
+    attention="eager" has a double backward; transformers' default "sdpa" has none on CPU.
+    """
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -29,6 +34,7 @@ def tiny_bert(vocab: int = VOCAB, hidden: int = 60, dtype: torch.dtype = torch.f
         attention_probs_dropout_prob=0.0,
         pad_token_id=0,
     )
+    config._attn_implementation = attention
     return BertForSequenceClassification(config).to(DEVICE, dtype)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -16,28 +15,9 @@ from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
 from ..ops import Backend, resolve_backend
 from ..output_target import OutputTarget
 from ..target import Target, TargetMode, attach_recorders, resolve_targets, tied_targets
+from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
 
 Norm = Literal["l2", "sign"]
-Closure = Callable[[], torch.Tensor]
-BackwardFn = Callable[[torch.Tensor], object]
-
-
-def _check_epsilon(epsilon: float) -> float:
-    if isinstance(epsilon, torch.Tensor) or not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool):
-        raise TypeError(f"epsilon must be a Python float, found {type(epsilon).__name__}.")
-    if not math.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be finite and >= 0, found {epsilon}.")
-    return float(epsilon)
-
-
-def check_loss(loss: object, where: str) -> torch.Tensor:
-    """The closure's loss, or a clear error when it is not a scalar tensor that needs a gradient."""
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise TypeError(f"{where} must return the loss as a scalar tensor, found {found}.")
-    if not loss.requires_grad:
-        raise RuntimeError(f"{where} returned a loss that does not require grad: run it with gradients enabled.")
-    return loss
 
 
 class FGM:
@@ -92,7 +72,7 @@ class FGM:
         if target not in ("auto", "weight", "output"):
             raise ValueError(f"target must be 'auto', 'weight' or 'output', found {target!r}.")
         self.model = model
-        self.epsilon = _check_epsilon(epsilon)
+        self.epsilon = check_epsilon(epsilon)
         self.emb_name = emb_name
         self.norm: Norm = norm
         self.target: TargetMode = target
@@ -126,7 +106,7 @@ class FGM:
                 f"attack() called again before restore(); {names} is still perturbed and was left as it is. "
                 "Call restore() after the adversarial backward pass, before the next attack()."
             )
-        epsilon = self.epsilon if epsilon is None else _check_epsilon(epsilon)
+        epsilon = self.epsilon if epsilon is None else check_epsilon(epsilon)
         targets = self._targets(self.emb_name if emb_name is None else emb_name)
         device = targets[0].param.device
         backend = resolve_backend(device)
@@ -190,7 +170,7 @@ class FGM:
         Returns:
             The clean loss, detached. The optimizer step stays the caller's.
         """
-        backward = backward or _plain_backward
+        backward = backward or plain_backward
         loss = check_loss(closure(), "closure()")
         backward(loss)
         with self.perturbed():
@@ -233,10 +213,6 @@ class FGM:
                 FastAdvWarning,
                 stacklevel=3,
             )
-
-
-def _plain_backward(loss: torch.Tensor) -> None:
-    loss.backward()
 
 
 def _remove_hooks(recorders: dict, outputs: dict) -> None:

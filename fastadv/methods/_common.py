@@ -1,0 +1,33 @@
+"""What every method shares: argument checks, the closure's loss, the default backward."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Closure = Callable[[], torch.Tensor]
+BackwardFn = Callable[[torch.Tensor], object]
+
+
+def check_epsilon(epsilon: float) -> float:
+    if isinstance(epsilon, torch.Tensor) or not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool):
+        raise TypeError(f"epsilon must be a Python float, found {type(epsilon).__name__}.")
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon must be finite and >= 0, found {epsilon}.")
+    return float(epsilon)
+
+
+def check_loss(loss: object, where: str) -> torch.Tensor:
+    """The closure's loss, or a clear error when it is not a scalar tensor that needs a gradient."""
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        found = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"{where} must return the loss as a scalar tensor, found {found}.")
+    if not loss.requires_grad:
+        raise RuntimeError(f"{where} returned a loss that does not require grad: run it with gradients enabled.")
+    return loss
+
+
+def plain_backward(loss: torch.Tensor) -> None:
+    loss.backward()

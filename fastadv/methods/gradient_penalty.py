@@ -1,0 +1,140 @@
+"""Gradient penalty on the embedding output: loss + 0.5 * epsilon * ||dL/de||^2, exact or finite-difference."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import EmbeddingNotFoundError, FastAdvError, MissingGradientError
+from ..output_target import EmbeddingOutputs
+from ..target import find_input_embedding
+from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
+
+Mode = Literal["finite_difference", "exact"]
+
+
+class GradientPenalty:
+    """Penalize the gradient of the loss with respect to the embedding output e (B x T x d).
+
+    The penalized loss is ``L + 0.5 * epsilon * ||dL/de||^2``, one vector of e per token
+    occurrence. Two ways to train on it:
+
+    - ``mode="exact"``: the penalty is built with a double backward (``create_graph=True``). Some
+      fused kernels have no double backward (e.g. transformers' default SDPA attention on CPU);
+      step() then raises and names the finite-difference mode.
+    - ``mode="finite_difference"`` (default): the clean pass computes dL/de only (no parameter
+      gradients), then one pass at ``e + epsilon * stopgrad(dL/de)``. Its parameter gradient is
+      that of the penalized loss up to O(epsilon^2):
+      ``d/dtheta L(e + epsilon * g) = dL/dtheta + epsilon * g . dg/dtheta + O(epsilon^2)``
+      and ``g . dg/dtheta = d/dtheta (0.5 * ||g||^2)``. No double backward, one cheap pass.
+
+    Args:
+        model: the model being trained; create the object before the forward passes it uses.
+        epsilon: penalty weight (and finite-difference step).
+        emb_name: None for the input embedding; a string for every nn.Embedding whose weight's
+            name contains it.
+        mode: "finite_difference" or "exact".
+    """
+
+    def __init__(
+        self, model: nn.Module, epsilon: float = 1.0, emb_name: str | None = None, mode: Mode = "finite_difference"
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradientPenalty needs the nn.Module being trained, found {type(model).__name__}.")
+        if mode not in ("finite_difference", "exact"):
+            raise ValueError(f"mode must be 'finite_difference' or 'exact', found {mode!r}.")
+        self.model = model
+        self.epsilon = check_epsilon(epsilon)
+        self.emb_name = emb_name
+        self.mode: Mode = mode
+        self._outputs = [EmbeddingOutputs(name, module) for name, module in _embedding_modules(model, emb_name)]
+        self._skipped: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        return f"GradientPenalty(epsilon={self.epsilon}, emb_name={self.emb_name!r}, mode={self.mode!r})"
+
+    def penalty(self, loss: torch.Tensor) -> torch.Tensor:
+        """The differentiable term ``0.5 * epsilon * ||dL/de||^2`` for the forward pass that produced ``loss``.
+
+        Add it to the loss and backpropagate (needs a model with a double backward). Returns an
+        fp32 scalar.
+        """
+        loss = check_loss(loss, "penalty(loss): loss")
+        grads = self._output_gradients(loss, create_graph=True)
+        return 0.5 * self.epsilon * sum(g.float().square().sum() for g in grads if g is not None)
+
+    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor:
+        """The passes of one penalized training step; returns the clean loss, detached.
+
+        closure() runs a forward pass and returns the loss; ``backward`` (default
+        ``loss.backward()``) backpropagates, e.g. ``accelerator.backward``. The optimizer step
+        stays the caller's.
+        """
+        backward = backward or plain_backward
+        for outputs in self._outputs:
+            outputs.clear()  # only this closure's lookups count
+        loss = check_loss(closure(), "closure()")
+        if self.mode == "exact":
+            try:
+                backward(loss + self.penalty(loss))
+            except RuntimeError as err:
+                if "derivative for" in str(err) or "double backward" in str(err):
+                    raise FastAdvError(
+                        "GradientPenalty(mode='exact') needs a double backward, and this model has an op without "
+                        f"one ({err}). Use mode='finite_difference' (one extra pass, no double backward), or an "
+                        "implementation of that op that supports it (e.g. attn_implementation='eager')."
+                    ) from err
+                raise
+            return loss.detach()
+        grads = self._output_gradients(loss, create_graph=False)
+        present = [g for g in grads if g is not None]
+        # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
+        finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
+        self._skipped = (~finite).long() if self._skipped is None else self._skipped + (~finite).long()
+        deltas = [None if g is None else torch.where(finite, self.epsilon * g, 0.0) for g in grads]
+        with ExitStack() as stack:
+            start = 0
+            for outputs in self._outputs:
+                count = len(outputs.edges)
+                stack.enter_context(outputs.adding(deltas[start : start + count]))
+                start += count
+            backward(check_loss(closure(), "closure()"))
+        return loss.detach()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Finite-difference steps whose dL/de held NaN/Inf (penalty skipped). Reading it syncs."""
+        return 0 if self._skipped is None else int(self._skipped)
+
+    def remove_hooks(self) -> None:
+        for outputs in self._outputs:
+            outputs.remove()
+
+    def _output_gradients(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
+        """dL/de for every recorded lookup (None for lookups outside ``loss``'s graph), in order."""
+        edges = [edge for outputs in self._outputs for edge in outputs.edges]
+        grads = list(torch.autograd.grad(loss, edges, create_graph=create_graph, allow_unused=True)) if edges else []
+        if not any(g is not None for g in grads):
+            names = ", ".join(f"'{o.name}'" for o in self._outputs)
+            raise MissingGradientError(
+                f"the loss does not depend on any output of {names} recorded in a forward pass with gradients: "
+                "run the forward pass that produces the loss after creating GradientPenalty, with gradients "
+                "enabled, and make sure the embedding's output reaches the loss."
+            )
+        return grads
+
+
+def _embedding_modules(model: nn.Module, emb_name: str | None) -> list[tuple[str, nn.Embedding]]:
+    if emb_name is None:
+        return [find_input_embedding(model)]
+    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and emb_name in f"{n}.weight"]
+    if not modules:
+        found = ", ".join(f"'{n}'" for n, m in model.named_modules() if isinstance(m, nn.Embedding)) or "none"
+        raise EmbeddingNotFoundError(
+            f"emb_name={emb_name!r} matches no nn.Embedding of {type(model).__name__} (found: {found}). "
+            "The gradient penalty acts on embedding outputs: pass a substring of one of them."
+        )
+    return modules
