@@ -1,0 +1,134 @@
+"""The gradient-penalty step: finite difference vs exact (double backward), side by side in one run.
+
+For a small random BERT classifier (eager attention, which has a double backward), times one
+training step's passes, median over turns: plain (loss.backward(), the floor), GradientPenalty
+mode="finite_difference" and mode="exact"; measures each step's extra memory (CUDA: peak above the
+start; CPU: bytes allocated); checks that the two modes' parameter gradients agree (cosine);
+prints the table and appends rows to bench/results/gradient_penalty.csv.
+
+    python bench/gradient_penalty.py                 # CPU: hidden 256; CUDA: hidden 768
+    python bench/gradient_penalty.py --layers 4 --repeats 9
+    python bench/gradient_penalty.py --quick         # small smoke run, saves nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from common import RESULTS, append_rows, fastadv_revision, interleaved_medians, load_average, load_note, log
+from transformers import BertConfig, BertForSequenceClassification
+
+from fastadv import GradientPenalty
+from fastadv.benchmarking import device_description, environment, extra_memory_bytes
+
+CSV_PATH = RESULTS / "gradient_penalty.csv"
+EPSILON = 0.01
+
+
+def make_model(vocab: int, hidden: int, layers: int, seq: int, device: torch.device) -> torch.nn.Module:
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+        intermediate_size=4 * hidden, max_position_embeddings=seq, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=2,
+    )  # fmt: skip
+    config._attn_implementation = "eager"  # the exact mode needs a double backward
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).to(device)
+
+
+def gradients(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=None, help="default 256 on CPU, 768 on CUDA")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=30522)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, nothing saved")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    hidden = args.hidden or (768 if device.type == "cuda" else 256)
+    if args.quick:
+        hidden, args.layers, args.batch, args.seq, args.repeats = 64, 1, 4, 32, 2
+
+    log(f"BERT {args.layers} layers, hidden {hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, {device}")
+    base = make_model(args.vocab, hidden, args.layers, args.seq, device)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
+    models = {name: copy.deepcopy(base) for name in ("plain", "finite_difference", "exact")}
+    penalties = {name: GradientPenalty(models[name], EPSILON, mode=name) for name in ("finite_difference", "exact")}
+
+    def step(name: str):
+        model = models[name]
+
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            closure = lambda: model(input_ids=ids, labels=labels).loss  # noqa: E731
+            if name == "plain":
+                closure().backward()
+            else:
+                penalties[name].step(closure)
+
+        return run
+
+    steps = {name: step(name) for name in models}
+    for run in steps.values():
+        run()
+    fd, exact, plain = (gradients(models[n]) for n in ("finite_difference", "exact", "plain"))
+    cos = torch.nn.functional.cosine_similarity
+    agreement = (
+        f"cosine(fd, exact)={cos(fd, exact, 0).item():.6f}; penalty part {cos(fd - plain, exact - plain, 0).item():.6f}"
+    )
+    log(f"agreement of the parameter gradients: {agreement}")
+
+    before = load_average()
+    times = interleaved_medians(steps, device, args.repeats)
+    note = f"{fastadv_revision()}; eps={EPSILON}; eager attention; {agreement}; {load_note(before)}"
+    memory = {name: extra_memory_bytes(run, device) for name, run in steps.items()}
+
+    desc = device_description(device)
+    print(f"\ngradient-penalty step on {desc} (BERT {args.layers}x{hidden}, batch {args.batch}x{args.seq}):")
+    print(f"{'':>20}{'median ms':>12}{'extra MiB':>12}")
+    for name in steps:
+        print(f"{name:>20}{1000 * times[name]:12.1f}{memory[name] / 2**20:12.1f}")
+    ratio = times["finite_difference"] / times["exact"]
+    print(f"finite_difference / exact: time {ratio:.2f}x, memory {memory['finite_difference'] / memory['exact']:.2f}x")
+
+    if args.quick:
+        log("quick run: nothing written")
+        return
+    env = environment()
+    rows = [
+        {
+            "date": env["date"],
+            "device": desc,
+            "device_type": device.type,
+            "torch": env["torch"],
+            "triton": env["triton"],
+            "python": env["python"],
+            "benchmark": "gradient_penalty_step",
+            "vocab": args.vocab,
+            "dim": hidden,
+            "batch": f"{args.batch}x{args.seq}",
+            "impl": name,
+            "median_s": f"{times[name]:.6g}",
+            "repeats": args.repeats,
+            "extra_memory_bytes": memory[name],
+            "notes": f"{args.layers} layers; {note}",
+        }
+        for name in steps
+    ]
+    append_rows(rows, CSV_PATH)
+    log(f"appended {len(rows)} rows to {CSV_PATH}")
+
+
+if __name__ == "__main__":
+    main()
