@@ -106,3 +106,23 @@ def test_misuse():
         gp.step(lambda: model(ids))
     gp.step(lambda: bag_loss(model, ids, labels))
     assert gp.skipped_steps == 0
+
+
+def test_non_finite_output_gradient_skips_the_penalty_and_is_counted():
+    model = BagOfEmbeddings().to(DEVICE)
+    gp = GradientPenalty(model, epsilon=0.1)
+    ids, labels = batches(1)[0]
+    perturbed_losses = []
+
+    def closure():
+        embeds = model.emb(ids)
+        never = torch.zeros_like(embeds, dtype=torch.bool)
+        # Finite value, NaN gradient: the unselected branch's inf meets a zero in the backward.
+        poison = torch.where(never, embeds * float("inf"), 0.0).sum()
+        loss = nn.functional.cross_entropy(model.head(torch.tanh(embeds).mean(dim=1)), labels) + poison
+        perturbed_losses.append(loss.detach())
+        return loss
+
+    gp.step(closure)
+    assert gp.skipped_steps == 1
+    assert torch.equal(perturbed_losses[0], perturbed_losses[1]), "a skipped penalty must add no delta"

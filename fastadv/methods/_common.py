@@ -31,3 +31,17 @@ def check_loss(loss: object, where: str) -> torch.Tensor:
 
 def plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
+
+
+class SkipCounter:
+    """Steps skipped on the device (NaN/Inf gradients), counted without a host sync until read."""
+
+    def __init__(self) -> None:
+        self._count: torch.Tensor | None = None
+
+    def add(self, skipped: torch.Tensor) -> None:
+        """Count ``skipped`` (a 0-dim bool tensor, on any device) without reading it."""
+        self._count = skipped.long() if self._count is None else self._count + skipped.long()
+
+    def __int__(self) -> int:
+        return 0 if self._count is None else int(self._count)

@@ -15,7 +15,7 @@ from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
 from ..ops import Backend, resolve_backend
 from ..output_target import OutputTarget
 from ..target import Target, TargetMode, attach_recorders, resolve_targets, tied_targets
-from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
+from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
 
 Norm = Literal["l2", "sign"]
 
@@ -84,7 +84,7 @@ class FGM:
         self._detach = weakref.finalize(self, _remove_hooks, self._recorders, self._outputs)
         self._targets_by_name: dict[str | None, list[Target]] = {}
         self._attacked: list[Target] | None = None
-        self._skipped: torch.Tensor | None = None
+        self._skipped = SkipCounter()
         self._warned_tied = False
         self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
 
@@ -125,7 +125,7 @@ class FGM:
             for target in done:
                 target.restore()
             raise
-        self._skipped = (~finite).long() if self._skipped is None else self._skipped + (~finite).long()
+        self._skipped.add(~finite)
         self._attacked = targets
         self.backend = backend
 
@@ -180,7 +180,7 @@ class FGM:
     @property
     def skipped_steps(self) -> int:
         """Attacks skipped because the gradient held NaN/Inf. Reading it syncs with the device."""
-        return 0 if self._skipped is None else int(self._skipped)
+        return int(self._skipped)
 
     def remove_hooks(self) -> None:
         """Detach the lookup hooks from the model now (done anyway when this FGM is collected)."""

@@ -11,7 +11,7 @@ from torch import nn
 from ..errors import EmbeddingNotFoundError, FastAdvError, MissingGradientError
 from ..output_target import EmbeddingOutputs
 from ..target import find_input_embedding
-from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
+from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
 
 Mode = Literal["finite_difference", "exact"]
 
@@ -51,7 +51,7 @@ class GradientPenalty:
         self.emb_name = emb_name
         self.mode: Mode = mode
         self._outputs = [EmbeddingOutputs(name, module) for name, module in _embedding_modules(model, emb_name)]
-        self._skipped: torch.Tensor | None = None
+        self._skipped = SkipCounter()
 
     def __repr__(self) -> str:
         return f"GradientPenalty(epsilon={self.epsilon}, emb_name={self.emb_name!r}, mode={self.mode!r})"
@@ -93,7 +93,7 @@ class GradientPenalty:
         present = [g for g in grads if g is not None]
         # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
         finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
-        self._skipped = (~finite).long() if self._skipped is None else self._skipped + (~finite).long()
+        self._skipped.add(~finite)
         deltas = [None if g is None else torch.where(finite, self.epsilon * g, 0.0) for g in grads]
         with ExitStack() as stack:
             start = 0
@@ -107,7 +107,7 @@ class GradientPenalty:
     @property
     def skipped_steps(self) -> int:
         """Finite-difference steps whose dL/de held NaN/Inf (penalty skipped). Reading it syncs."""
-        return 0 if self._skipped is None else int(self._skipped)
+        return int(self._skipped)
 
     def remove_hooks(self) -> None:
         for outputs in self._outputs:
