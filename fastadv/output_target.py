@@ -86,9 +86,9 @@ class OutputTarget:
                 "loss.backward() on the clean loss before attack(); if you did, the embedding's output does "
                 "not reach the loss (or the fastadv object was created after the forward pass)."
             )
-        ids = torch.cat([i.reshape(-1) for i, _ in self._captured]).to(torch.int64)
         d = self._captured[0][1].shape[-1]
-        grads = torch.cat([g.reshape(-1, d) for _, g in self._captured])
+        ids = _joined([i.reshape(-1) for i, _ in self._captured]).to(torch.int64)
+        grads = _joined([g.reshape(-1, d) for _, g in self._captured])
         if self.share_rows:
             if self.module.padding_idx is not None:  # as in weight mode: the padding row gets no gradient
                 grads = torch.where((ids == self.module.padding_idx)[:, None], 0.0, grads)
@@ -112,8 +112,9 @@ class OutputTarget:
         """Arm the forward hook with delta = epsilon * g / norm (or epsilon * sign(g)); 0 when not ``ok``."""
         assert self._grad is not None, "prepare() first"
         g = self._grad.float()
-        delta = epsilon * torch.sign(g) if sign else epsilon * g / norm
-        self._delta = torch.where(ok, delta, 0.0)
+        # One new buffer (the captured gradient itself is not ours to modify); a skip zeroes it.
+        delta = torch.sign(g).mul_(epsilon) if sign else g.mul(epsilon).div_(norm)
+        self._delta = delta.masked_fill_(~ok, 0.0)
         self._grad = None
 
     def restore(self) -> None:
@@ -141,6 +142,11 @@ class OutputTarget:
         seen = rows[slot] == flat
         delta = self._delta.index_select(0, self._rows.grad_rows[slot]) * seen[:, None]
         return delta.view(*ids.shape, -1)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without the copy when there is one part (the usual single lookup per pass)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class EmbeddingOutputs:

@@ -94,7 +94,8 @@ class GradientPenalty:
         # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
         finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
         self._skipped.add(~finite)
-        deltas = [None if g is None else torch.where(finite, self.epsilon * g, 0.0) for g in grads]
+        # autograd.grad's results are ours: scale them in place, zeroed on a skip.
+        deltas = [None if g is None else g.mul_(self.epsilon).masked_fill_(~finite, 0.0) for g in grads]
         with ExitStack() as stack:
             start = 0
             for outputs in self._outputs:
