@@ -12,17 +12,19 @@ from .errors import (
     FrozenEmbeddingError,
     MissingGradientError,
 )
-from .methods import FGM, GradientPenalty
+from .methods import FGM, PGD, FreeLB, GradientPenalty
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FGM",
+    "PGD",
     "AttackStateError",
     "BackendError",
     "EmbeddingNotFoundError",
     "FastAdvError",
     "FastAdvWarning",
+    "FreeLB",
     "FrozenEmbeddingError",
     "GradientPenalty",
     "MissingGradientError",

@@ -5,7 +5,10 @@ Shared by ``bench/`` and ``examples/demo.py`` so both report the same quantities
 - time: median wall-clock seconds over repeats, with the device synchronized around each call;
 - extra memory: on CUDA, the peak allocated above what was allocated before the call; on CPU
   (no peak counter there), the bytes the call allocated, summed over torch's allocations, as
-  torch.profiler's memory profile reports them.
+  torch.profiler's memory profile reports them;
+- peak memory: the peak above the start on both (CPU: replayed from the profiler's allocation
+  and free events, in order);
+- gradient copies: bytes copied out of parameters' ``.grad`` (what PGD's snippet backs up).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -61,6 +65,52 @@ def extra_memory_bytes(fn: Callable[[], object], device: torch.device | str = "c
         fn()
     # Each op's own allocations; "[memory]" rows are frees of tensors allocated elsewhere.
     return sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages() if e.key != "[memory]")
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """The peak of memory allocated during ``fn()`` above what was allocated before it (CUDA or CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return extra_memory_bytes(fn, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # "[memory]" events are single allocations (+) and frees (-), in the order they happened.
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+class GradientCopies(TorchDispatchMode):
+    """Counts the bytes of every copy made of a tensor that shares storage with a parameter's ``.grad``.
+
+    ``with GradientCopies(model) as copies: ...`` then ``copies.bytes`` / ``copies.count``. It sees
+    torch ops only: a kernel reading the gradient in place copies nothing (Triton's CPU interpreter
+    does copy every argument to host memory, so check the torch path on CPU).
+    """
+
+    COPYING = frozenset({torch.ops.aten.clone.default, torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default})
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.count = 0
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.COPYING:
+            grads = {p.grad.untyped_storage().data_ptr() for p in self.model.parameters() if p.grad is not None}
+            source = args[1] if func is torch.ops.aten.copy_.default else args[0]
+            if isinstance(source, torch.Tensor) and source.untyped_storage().data_ptr() in grads:
+                self.count += 1
+                self.bytes += source.numel() * source.element_size()
+        return func(*args, **(kwargs or {}))
 
 
 def device_description(device: torch.device | str) -> str:

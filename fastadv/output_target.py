@@ -21,7 +21,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from .errors import MissingGradientError
-from .ops import RowSet, rows_l2_norm, segment_sum_by_id
+from .ops import RowSet, gather_rows, rows_l2_norm, segment_sum_by_id
 from .ops.backend import Backend
 
 
@@ -30,7 +30,8 @@ class OutputTarget:
 
     It keeps dL/de of the current micro-batch: every lookup's output gradient is captured by a
     tensor hook, and the first forward pass with gradients after a capture starts a new
-    micro-batch. The adversarial pass (while attacking) captures nothing.
+    micro-batch. The adversarial pass (while attacking) captures nothing, unless
+    ``capture_perturbed`` is set (PGD ascends along the gradient at the perturbed point).
     """
 
     def __init__(self, name: str, module: nn.Embedding, share_rows: bool) -> None:
@@ -38,11 +39,13 @@ class OutputTarget:
         self.module = module
         self.param = module.weight  # identity and device only: never written
         self.share_rows = share_rows
-        self._captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # (ids, dL/de) per lookup
+        self.capture_perturbed = False
+        self._captured: Lookups = []  # (ids, dL/de) per lookup
         self._capture_complete = False
-        self._grad: torch.Tensor | None = None
-        self._rows: RowSet | None = None
-        self._delta: torch.Tensor | None = None  # set while attacking
+        self._grad: torch.Tensor | None = None  # set by prepare(): the gradient rows
+        self._grad_set: RowSet | None = None  # and where they live
+        self._rows: RowSet | None = None  # set while attacking: the slots of delta
+        self._delta: torch.Tensor | None = None  # fp32 [N, d], added in the forward hook
         self._shape: torch.Size | None = None  # share_rows=False: the batch's ids shape
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
 
@@ -56,17 +59,17 @@ class OutputTarget:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         ids = (args[0] if args else kwargs["input"]).detach()
-        if self._delta is not None:
-            return output + self._perturbation(ids).to(output.dtype)
-        if not torch.is_grad_enabled():
-            return None
-        if self._capture_complete:  # a new micro-batch: the previous one's gradients are spent
-            self._captured.clear()
-            self._capture_complete = False
+        armed = self._delta is not None
         replaced = None
-        if not output.requires_grad:  # frozen table: the output becomes a leaf whose gradient we read
-            output = replaced = output.detach().requires_grad_()
-        output.register_hook(lambda grad: self._capture(ids, grad))
+        if torch.is_grad_enabled() and (not armed or self.capture_perturbed):
+            if self._capture_complete:  # a new micro-batch: the previous one's gradients are spent
+                self._captured.clear()
+                self._capture_complete = False
+            if not output.requires_grad:  # frozen table: the output becomes a leaf whose gradient we read
+                output = replaced = output.detach().requires_grad_()
+            output.register_hook(lambda grad: self._capture(ids, grad))
+        if armed:
+            return output + self._perturbation(ids).to(output.dtype)
         return replaced
 
     def _capture(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
@@ -78,35 +81,30 @@ class OutputTarget:
     def check_trainable(self) -> None:
         """Output mode needs no trainable weight."""
 
-    def prepare(self, backend: Backend) -> None:
-        """Sum the captured dL/de per token id (or keep it per position); raises before anything changes."""
-        if not self._captured:
+    def prepare(self, backend: Backend, lookups: Lookups | None = None) -> None:
+        """Sum dL/de per token id (or keep it per position); raises before anything changes.
+
+        ``lookups`` (ids, dL/de) replaces the captured gradient (PGD's intermediate passes). While
+        attacking, the gradient is re-addressed to the slots of the current delta.
+        """
+        lookups = self._captured if lookups is None else lookups
+        if not lookups:
             raise MissingGradientError(
                 f"no gradient reached the output of '{self.name}' since its last forward pass. Call "
                 "loss.backward() on the clean loss before attack(); if you did, the embedding's output does "
                 "not reach the loss (or the fastadv object was created after the forward pass)."
             )
-        d = self._captured[0][1].shape[-1]
-        ids = _joined([i.reshape(-1) for i, _ in self._captured]).to(torch.int64)
-        grads = _joined([g.reshape(-1, d) for _, g in self._captured])
-        if self.share_rows:
-            if self.module.padding_idx is not None:  # as in weight mode: the padding row gets no gradient
-                grads = torch.where((ids == self.module.padding_idx)[:, None], 0.0, grads)
-            self._rows, self._grad = segment_sum_by_id(grads, ids, backend=backend)
-        else:
-            if len(self._captured) > 1:
-                raise MissingGradientError(
-                    f"share_rows=False perturbs each token position of one batch, but '{self.name}' was looked "
-                    f"up {len(self._captured)} times in the last backward pass. Use share_rows=True."
-                )
-            self._shape = self._captured[0][0].shape
-            positions = torch.arange(ids.numel(), device=ids.device)
-            self._rows, self._grad = RowSet(positions, positions), grads
+        grad_set, grad = gradient_rows(lookups, self.module.padding_idx, self.share_rows, backend, self.name)
+        if self._rows is not None:
+            grad, grad_set = gather_rows(grad, grad_set, self._rows.rows), self._rows.as_slots()
+        elif not self.share_rows:
+            self._shape = lookups[0][0].shape
+        self._grad_set, self._grad = grad_set, grad
 
     def gradient_norm(self, backend: Backend) -> torch.Tensor:
         """fp32 0-dim: the L2 norm of the weight-equivalent gradient (share_rows) or of dL/de."""
-        assert self._grad is not None and self._rows is not None, "prepare() first"
-        return rows_l2_norm(self._grad, self._rows, backend)
+        assert self._grad is not None and self._grad_set is not None, "prepare() first"
+        return rows_l2_norm(self._grad, self._grad_set, backend)
 
     def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
         """Arm the forward hook with delta = epsilon * g / norm (or epsilon * sign(g)); 0 when not ``ok``."""
@@ -115,6 +113,22 @@ class OutputTarget:
         # One new buffer (the captured gradient itself is not ours to modify); a skip zeroes it.
         delta = torch.sign(g).mul_(epsilon) if sign else g.mul(epsilon).div_(norm)
         self._delta = delta.masked_fill_(~ok, 0.0)
+        self._rows, self._grad = self._grad_set, None
+
+    def ascend(self, alpha: float, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, backend: Backend) -> None:
+        """PGD: delta += alpha * g / norm, projected into the L2 ball of radius epsilon (unchanged when not ``ok``).
+
+        The first call of a round starts from delta = 0 on the gradient's slots.
+        """
+        assert self._grad is not None and self._grad_set is not None, "prepare() first"
+        step = self._grad.float().mul(alpha).div_(norm)
+        first = self._delta is None
+        if first:
+            self._rows = self._grad_set
+        r = step if first else step.add_(self._delta)
+        r_norm = rows_l2_norm(r, self._rows.as_slots(), backend)
+        r = torch.where(r_norm > epsilon, r * (epsilon / r_norm), r)
+        self._delta = r.masked_fill_(~ok, 0.0) if first else torch.where(ok, r, self._delta)
         self._grad = None
 
     def restore(self) -> None:
@@ -123,7 +137,7 @@ class OutputTarget:
         The clean pass's gradient stays until the next forward pass with gradients (a new
         micro-batch), so attack() may run again on it, as weight mode may on ``.grad``.
         """
-        self._delta = self._rows = self._shape = None
+        self._delta = self._rows = self._grad_set = self._shape = None
 
     def _perturbation(self, ids: torch.Tensor) -> torch.Tensor:
         """delta for each position of ``ids``: [*ids.shape, d]."""
@@ -135,13 +149,41 @@ class OutputTarget:
                     f"but the adversarial forward looked up {tuple(ids.shape)}: run it on the same batch."
                 )
             return self._delta.view(*ids.shape, -1)
-        flat = ids.reshape(-1).to(torch.int64)
-        rows = self._rows.rows
-        # Sorted rows: the first slot holding each id; ids the clean pass never saw get no delta.
-        slot = torch.searchsorted(rows, flat).clamp_(max=max(rows.numel() - 1, 0))
-        seen = rows[slot] == flat
-        delta = self._delta.index_select(0, self._rows.grad_rows[slot]) * seen[:, None]
+        # Ids the clean pass never saw get no delta.
+        delta = gather_rows(self._delta, self._rows.as_slots(), ids.reshape(-1).to(torch.int64))
         return delta.view(*ids.shape, -1)
+
+
+Lookups = list[tuple[torch.Tensor, torch.Tensor]]  # (token ids, dL/de of that lookup) per lookup
+
+
+def gradient_rows(
+    lookups: Lookups, padding_idx: int | None, share_rows: bool, backend: Backend, name: str
+) -> tuple[RowSet, torch.Tensor]:
+    """The gradient of a table's lookups: per distinct id (summed, the weight gradient) or per position.
+
+    Args:
+        lookups: (ids of any shape, dL/de [*ids.shape, d]) per lookup.
+        padding_idx: the table's padding row, which gets no gradient (as in the weight gradient).
+        share_rows: True sums per id; False keeps one row per position (a single lookup only).
+
+    Returns:
+        (row_set, grad): grad [N, d] addressed through ``row_set.grad_rows``; rows sorted.
+    """
+    d = lookups[0][1].shape[-1]
+    ids = _joined([i.reshape(-1) for i, _ in lookups]).to(torch.int64)
+    grads = _joined([g.reshape(-1, d) for _, g in lookups])
+    if share_rows:
+        if padding_idx is not None:
+            grads = torch.where((ids == padding_idx)[:, None], 0.0, grads)
+        return segment_sum_by_id(grads, ids, backend=backend)
+    if len(lookups) > 1:
+        raise MissingGradientError(
+            f"share_rows=False perturbs each token position of one batch, but '{name}' was looked "
+            f"up {len(lookups)} times in the last backward pass. Use share_rows=True."
+        )
+    positions = torch.arange(ids.numel(), device=ids.device)
+    return RowSet(positions, positions), grads
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -153,10 +195,11 @@ class EmbeddingOutputs:
     """The recent lookups of one nn.Embedding, as gradient edges, and a delta added to the next ones.
 
     For methods that need dL/de with respect to the embedding output e itself (the gradient
-    penalty): each lookup with gradients is remembered by its autograd edge, which holds no
-    activations, so ``torch.autograd.grad(loss, edges)`` gives dL/de, and ``create_graph=True``
-    its differentiable form. A frozen table's output is made a leaf that requires grad, so the
-    edge exists there too. While ``adding(deltas)`` is active, the i-th lookup gets ``deltas[i]``.
+    penalty, PGD's intermediate passes): each lookup with gradients is remembered by its token ids
+    and its autograd edge, which holds no activations, so ``torch.autograd.grad(loss, edges)``
+    gives dL/de, and ``create_graph=True`` its differentiable form. A frozen table's output is
+    made a leaf that requires grad, so the edge exists there too. While ``adding(deltas)`` is
+    active, the i-th lookup gets ``deltas[i]``.
     """
 
     RECENT = 32  # lookups remembered; older ones belong to passes whose loss is long gone
@@ -164,7 +207,7 @@ class EmbeddingOutputs:
     def __init__(self, name: str, module: nn.Embedding) -> None:
         self.name = name
         self.module = module
-        self._edges: deque = deque(maxlen=self.RECENT)
+        self._lookups: deque = deque(maxlen=self.RECENT)  # (ids, GradientEdge) per lookup
         self._deltas: list[torch.Tensor | None] | None = None
         self._next = 0
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
@@ -174,11 +217,17 @@ class EmbeddingOutputs:
 
     def clear(self) -> None:
         """Forget earlier lookups (before a pass whose lookups alone should count)."""
-        self._edges.clear()
+        self._lookups.clear()
 
     @property
     def edges(self) -> list:
-        return list(self._edges)
+        """The autograd edge of each recorded lookup's output, oldest first."""
+        return [edge for _, edge in self._lookups]
+
+    @property
+    def ids(self) -> list[torch.Tensor]:
+        """The token ids of each recorded lookup, in the order of :attr:`edges`."""
+        return [ids for ids, _ in self._lookups]
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         if self._deltas is not None:
@@ -202,7 +251,8 @@ class EmbeddingOutputs:
         replaced = None
         if not output.requires_grad:
             output = replaced = output.detach().requires_grad_()
-        self._edges.append(get_gradient_edge(output))
+        ids = (args[0] if args else kwargs["input"]).detach()
+        self._lookups.append((ids, get_gradient_edge(output)))
         return replaced
 
     @contextmanager

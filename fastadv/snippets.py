@@ -1,9 +1,10 @@
-"""The slow FGM snippet that fastadv replaces, kept as the oracle for tests, benchmarks and the demo.
+"""The slow FGM and PGD snippets that fastadv replaces, kept as oracles for tests, benchmarks and the demo.
 
 This is the code copied across fine-tuning scripts, with its behaviour reproduced exactly (the
-whole-table clone, the whole-gradient norm, the host sync in ``if norm != 0``, the two V x d
-temporaries, and the restore by rebinding ``param.data``). Do not use it for training: use
-:class:`fastadv.FGM`, which takes the same calls.
+whole-table clone, the whole-gradient norm, the host sync in ``if norm != 0``, the V x d
+temporaries, the restore by rebinding ``param.data``, and PGD's copy of every parameter's
+gradient). Do not use it for training: use :class:`fastadv.FGM` and :class:`fastadv.PGD`, which
+take the same calls.
 """
 
 from __future__ import annotations
@@ -33,3 +34,47 @@ class SnippetFGM:
                 assert name in self.backup
                 param.data = self.backup[name]
         self.backup = {}
+
+
+class SnippetPGD:
+    """The copied PGD: ``attack(epsilon=1., alpha=0.3, emb_name='emb.', is_first_attack=False)``,
+    ``restore(emb_name='emb.')``, ``backup_grad()``, ``restore_grad()``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.emb_backup: dict[str, torch.Tensor] = {}
+        self.grad_backup: dict[str, torch.Tensor] = {}
+
+    def attack(self, epsilon: float = 1.0, alpha: float = 0.3, emb_name: str = "emb.", is_first_attack: bool = False):
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and emb_name in name:
+                if is_first_attack:
+                    self.emb_backup[name] = param.data.clone()
+                norm = torch.norm(param.grad)
+                if norm != 0 and not torch.isnan(norm):
+                    r_at = alpha * param.grad / norm
+                    param.data.add_(r_at)
+                    param.data = self.project(name, param.data, epsilon)
+
+    def restore(self, emb_name: str = "emb.") -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and emb_name in name:
+                assert name in self.emb_backup
+                param.data = self.emb_backup[name]
+        self.emb_backup = {}
+
+    def project(self, param_name: str, param_data: torch.Tensor, epsilon: float) -> torch.Tensor:
+        r = param_data - self.emb_backup[param_name]
+        if torch.norm(r) > epsilon:
+            r = epsilon * r / torch.norm(r)
+        return self.emb_backup[param_name] + r
+
+    def backup_grad(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                self.grad_backup[name] = param.grad.clone()
+
+    def restore_grad(self) -> None:
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                param.grad = self.grad_backup[name]

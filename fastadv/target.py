@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
-from .ops import RowSet, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_restore
+from .ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore
 from .ops.backend import Backend
-from .output_target import OutputTarget
+from .output_target import Lookups, OutputTarget, gradient_rows
 
 OUTPUT_MODE_HINT = "perturb the embedding's output instead of its weight with target='output' (or 'auto')"
 TargetMode = Literal["auto", "weight", "output"]
@@ -103,11 +103,14 @@ class LookupRecorder:
         self._accumulated_since_reset = False
         self._warned_growth = False
         self.compact_at = self.COMPACT_FLOOR + 4 * weight.shape[0]
+        self.padding_idx: int | None = None  # of the modules looking it up (they agree in practice)
         self._handles: list = []
         self._watching_accumulation = False  # registered at the first lookup that needs a gradient
 
     def attach(self, module: nn.Module) -> None:
         """Record the lookups of ``module`` (an nn.Embedding whose weight is ``self.weight``)."""
+        if self.padding_idx is None:
+            self.padding_idx = module.padding_idx
         self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
 
     def remove(self) -> None:
@@ -193,16 +196,18 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
 class WeightTarget:
     """One parameter perturbed in place: an embedding table on its recorded rows, any other one whole.
 
-    The perturbation is ``epsilon * g / norm`` (or ``epsilon * sign(g)``) on the rows that have a
-    gradient; restore() copies the saved rows back bit for bit, into the same storage.
+    FGM adds ``epsilon * g / norm`` (or ``epsilon * sign(g)``) to the rows that have a gradient;
+    PGD ascends and projects around the rows saved at its round's first step. restore() copies the
+    saved rows back bit for bit, into the same storage.
     """
 
     def __init__(self, name: str, param: nn.Parameter, recorder: LookupRecorder | None) -> None:
         self.name = name
         self.param = param
         self.recorder = recorder
-        self._grad: torch.Tensor | None = None
-        self._rows: RowSet | None = None
+        self._grad: torch.Tensor | None = None  # set by prepare(): the gradient rows
+        self._grad_set: RowSet | None = None  # and where they live
+        self._rows: RowSet | None = None  # set by add()/ascend(): the saved rows
         self._backup: torch.Tensor | None = None
         self._backend: Backend | None = None
 
@@ -217,45 +222,74 @@ class WeightTarget:
                 f"perturb along. Unfreeze it with requires_grad_(True), or {OUTPUT_MODE_HINT}."
             )
 
-    def prepare(self, backend: Backend) -> None:
-        """Take the gradient and the rows it lives on; raises before anything is modified."""
+    def prepare(self, backend: Backend, lookups: Lookups | None = None) -> None:
+        """Take the gradient and the rows it lives on; raises before anything is modified.
+
+        ``lookups`` (ids, dL/de of each lookup of this table) replaces ``.grad``: the table's
+        gradient from those lookups alone, summed per id (PGD's intermediate passes). While a PGD
+        round is in progress, the gradient is re-addressed to the rows saved at its first step.
+        """
         self.check_trainable()
-        grad = self.param.grad
-        if grad is None:
-            raise MissingGradientError(
-                f"'{self.name}' has no gradient: call loss.backward() on the clean loss before attack()."
-            )
-        if grad.is_sparse:  # nn.Embedding(sparse=True): the gradient names its own rows
-            grad = grad.coalesce()
-            values = grad.values()
-            self._grad = values.reshape(values.shape[0], -1)
-            self._rows = RowSet(grad.indices()[0], torch.arange(values.shape[0], device=values.device))
-        elif self.recorder is not None:
-            rows = self.recorder.row_set()
-            if rows is None:
-                raise MissingGradientError(
-                    f"'{self.name}' has a gradient, but fastadv saw no lookup of it since the gradient was "
-                    "last reset. Create the fastadv object before the forward pass whose gradient it uses."
-                )
-            self._grad, self._rows = grad, rows
+        dense = False
+        if lookups is not None:
+            if self.recorder is None:
+                raise MissingGradientError(f"'{self.name}' is not an embedding table: it has no lookups.")
+            grad_set, grad = gradient_rows(lookups, self.recorder.padding_idx, True, backend, self.name)
         else:
-            self._grad = _as_matrix(grad)
-            n = self._grad.shape[0]
-            all_rows = torch.arange(n, device=grad.device)
-            self._rows = RowSet(all_rows, all_rows)
+            grad = self.param.grad
+            if grad is None:
+                raise MissingGradientError(
+                    f"'{self.name}' has no gradient: call loss.backward() on the clean loss before attack()."
+                )
+            if grad.is_sparse:  # nn.Embedding(sparse=True): the gradient names its own rows
+                grad = grad.coalesce()
+                values = grad.values()
+                grad_set = RowSet(grad.indices()[0], torch.arange(values.shape[0], device=values.device))
+                grad = values.reshape(values.shape[0], -1)
+            elif self.recorder is not None:
+                grad_set = self.recorder.row_set()
+                if grad_set is None:
+                    raise MissingGradientError(
+                        f"'{self.name}' has a gradient, but fastadv saw no lookup of it since the gradient was "
+                        "last reset. Create the fastadv object before the forward pass whose gradient it uses."
+                    )
+                dense = True
+            else:
+                grad = _as_matrix(grad)
+                all_rows = torch.arange(grad.shape[0], device=grad.device)
+                grad_set, dense = RowSet(all_rows, all_rows), True
+        if self._rows is not None:  # a PGD round: the gradient on the saved rows' slots
+            if dense:  # a dense gradient can be read at any row
+                grad_set = RowSet(self._rows.rows, self._rows.rows, self._rows.first)
+            else:
+                grad, grad_set = gather_rows(grad, grad_set, self._rows.rows), self._rows.as_slots()
+        self._grad, self._grad_set = grad, grad_set
 
     def gradient_norm(self, backend: Backend) -> torch.Tensor:
         """fp32 0-dim: the L2 norm of the gradient (over its non-zero rows)."""
-        assert self._grad is not None and self._rows is not None, "prepare() first"
-        return rows_l2_norm(self._grad, self._rows, backend)
+        assert self._grad is not None and self._grad_set is not None, "prepare() first"
+        return rows_l2_norm(self._grad, self._grad_set, backend)
 
     def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
-        """Save the rows, then add the perturbation to them in place (unless ``ok`` is False)."""
-        assert self._grad is not None and self._rows is not None, "prepare() first"
+        """FGM: save the rows, then add the perturbation to them in place (unless ``ok`` is False)."""
+        assert self._grad is not None and self._grad_set is not None, "prepare() first"
         weight = _as_matrix(self.param.data)
-        self._backup = rows_backup_add(weight, self._grad, self._rows, norm, ok, epsilon, sign, backend)
+        self._backup = rows_backup_add(weight, self._grad, self._grad_set, norm, ok, epsilon, sign, backend)
+        self._rows, self._backend = self._grad_set, backend
+        self._grad = self._grad_set = None  # the gradient is not ours to keep alive
+
+    def ascend(self, alpha: float, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, backend: Backend) -> None:
+        """PGD: one step of ``alpha * g / norm`` on the rows, projected into the epsilon ball around
+        the rows saved at the round's first step (which this call saves when it is that step)."""
+        assert self._grad is not None and self._grad_set is not None, "prepare() first"
+        weight = _as_matrix(self.param.data)
+        self._backup = rows_pgd_step(
+            weight, self._grad, self._grad_set, self._backup, norm, ok, alpha, epsilon, backend
+        )
+        if self._rows is None:
+            self._rows = self._grad_set
         self._backend = backend
-        self._grad = None  # the gradient is not ours to keep alive
+        self._grad = self._grad_set = None
 
     def restore(self) -> None:
         """Copy the saved rows back into the parameter's own storage, bit for bit."""

@@ -5,6 +5,20 @@ compiled (CUDA) or interpreted on CPU tensors (``TRITON_INTERPRET=1``). fastadv 
 from ``fastadv.ops.backend``, the first time the Triton backend is chosen.
 """
 
-from .rows import rows_backup_add_kernel, rows_restore_kernel, rows_sum_of_squares_kernel, segment_sum_kernel
+from .rows import (
+    rows_backup_add_kernel,
+    rows_pgd_ascent_kernel,
+    rows_pgd_project_kernel,
+    rows_restore_kernel,
+    rows_sum_of_squares_kernel,
+    segment_sum_kernel,
+)
 
-__all__ = ["rows_backup_add_kernel", "rows_restore_kernel", "rows_sum_of_squares_kernel", "segment_sum_kernel"]
+__all__ = [
+    "rows_backup_add_kernel",
+    "rows_pgd_ascent_kernel",
+    "rows_pgd_project_kernel",
+    "rows_restore_kernel",
+    "rows_sum_of_squares_kernel",
+    "segment_sum_kernel",
+]

@@ -17,7 +17,7 @@ from models import batches, bert_loss, tiny_bert
 
 import fastadv.output_target
 import fastadv.target
-from fastadv import FGM
+from fastadv import FGM, PGD
 from fastadv.ops import row_set_from_ids, segment_sum_by_id
 
 SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu")
@@ -84,6 +84,32 @@ def test_attack_and_restore_never_sync(backend, monkeypatch, emb_name, target, s
             perturbed = model(input_ids=ids).logits  # the output hook runs sync-free too
         fgm.restore()
     assert not torch.equal(perturbed, clean), "attack changed nothing: the check would prove nothing"
+    assert torch.equal(model.get_input_embeddings().weight, before)
+
+
+@pytest.mark.parametrize("target", ["weight", "output"])
+def test_pgd_attacks_and_restore_never_sync(backend, monkeypatch, target):
+    monkeypatch.setattr(fastadv.target, "row_set_from_ids", functools.partial(row_set_from_ids, static_shape=True))
+    static_segments = functools.partial(segment_sum_by_id, static_shape=True)
+    monkeypatch.setattr(fastadv.output_target, "segment_sum_by_id", static_segments)
+    model = tiny_bert()
+    pgd = PGD(model, epsilon=0.05, alpha=0.03, target=target)
+    ids, labels = batches(1)[0]
+    bert_loss(model, ids, labels).backward()
+    before = model.get_input_embeddings().weight.detach().clone()
+    with host_syncs_forbidden(monkeypatch):
+        pgd.attack(is_first_attack=True)
+    model.zero_grad()
+    bert_loss(model, ids, labels).backward()  # the forward pass itself may sync: it is the model's
+    with host_syncs_forbidden(monkeypatch):
+        pgd.attack()  # a later attack: re-addressing the gradient to the round's rows, projecting
+    with torch.no_grad():
+        perturbed = model(input_ids=ids).logits
+    with host_syncs_forbidden(monkeypatch):
+        pgd.restore()
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits
+    assert not torch.equal(perturbed, clean), "the attacks changed nothing: the check would prove nothing"
     assert torch.equal(model.get_input_embeddings().weight, before)
 
 

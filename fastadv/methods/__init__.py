@@ -1,6 +1,8 @@
 """Adversarial methods: each says what perturbation to apply; fastadv.target says where."""
 
 from .fgm import FGM
+from .freelb import FreeLB
 from .gradient_penalty import GradientPenalty
+from .pgd import PGD
 
-__all__ = ["FGM", "GradientPenalty"]
+__all__ = ["FGM", "PGD", "FreeLB", "GradientPenalty"]

@@ -11,12 +11,13 @@ Closure = Callable[[], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor], object]
 
 
-def check_epsilon(epsilon: float) -> float:
-    if isinstance(epsilon, torch.Tensor) or not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool):
-        raise TypeError(f"epsilon must be a Python float, found {type(epsilon).__name__}.")
-    if not math.isfinite(epsilon) or epsilon < 0:
-        raise ValueError(f"epsilon must be finite and >= 0, found {epsilon}.")
-    return float(epsilon)
+def check_epsilon(value: float, name: str = "epsilon") -> float:
+    """A finite, non-negative Python number (a size such as epsilon or a step size), as a float."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python float, found {type(value).__name__}.")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0, found {value}.")
+    return float(value)
 
 
 def check_loss(loss: object, where: str) -> torch.Tensor:

@@ -3,12 +3,15 @@
 from .backend import Backend, resolve_backend
 from .rows import (
     RowSet,
+    gather_rows,
     row_block_sizes,
     row_set_from_ids,
     rows_backup_add,
     rows_backup_add_reference,
     rows_l2_norm,
     rows_l2_norm_reference,
+    rows_pgd_step,
+    rows_pgd_step_reference,
     rows_restore,
     rows_restore_reference,
 )
@@ -17,6 +20,7 @@ from .segments import segment_sum_by_id, segment_sum_by_id_reference
 __all__ = [
     "Backend",
     "RowSet",
+    "gather_rows",
     "resolve_backend",
     "row_block_sizes",
     "row_set_from_ids",
@@ -24,6 +28,8 @@ __all__ = [
     "rows_backup_add_reference",
     "rows_l2_norm",
     "rows_l2_norm_reference",
+    "rows_pgd_step",
+    "rows_pgd_step_reference",
     "rows_restore",
     "rows_restore_reference",
     "segment_sum_by_id",

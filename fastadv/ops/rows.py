@@ -5,7 +5,11 @@ A :class:`RowSet` says which rows of a [V, D] weight an op touches. Three ops ac
 - :func:`rows_l2_norm`: the L2 norm of the gradient over the distinct rows, accumulated in fp32;
 - :func:`rows_backup_add`: save the rows, then add ``epsilon * g / norm`` (or ``epsilon * sign(g)``)
   in place, unless the device flag ``ok`` says to skip;
-- :func:`rows_restore`: copy the saved rows back, bit for bit.
+- :func:`rows_restore`: copy the saved rows back, bit for bit;
+- :func:`rows_pgd_step`: one projected ascent step of PGD around the saved rows (saving them first
+  on a round's first step).
+
+:func:`gather_rows` re-addresses a gradient given on one row set to the slots of another.
 
 None of them syncs with the host: shapes depend on the number of recorded ids only.
 """
@@ -20,12 +24,15 @@ from .backend import Backend, kernels, resolve_backend
 
 __all__ = [
     "RowSet",
+    "gather_rows",
     "row_block_sizes",
     "row_set_from_ids",
     "rows_backup_add",
     "rows_backup_add_reference",
     "rows_l2_norm",
     "rows_l2_norm_reference",
+    "rows_pgd_step",
+    "rows_pgd_step_reference",
     "rows_restore",
     "rows_restore_reference",
 ]
@@ -49,6 +56,10 @@ class RowSet:
 
     def __len__(self) -> int:
         return self.rows.numel()
+
+    def as_slots(self) -> RowSet:
+        """The same slots, read from an [N, D] matrix that holds one row per slot."""
+        return RowSet(self.rows, torch.arange(len(self), device=self.rows.device), self.first)
 
 
 def row_set_from_ids(ids: torch.Tensor, static_shape: bool | None = None) -> RowSet:
@@ -225,6 +236,120 @@ def rows_restore(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet, ba
         n, d, weight.stride(0), weight.stride(1),
         HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------- PGD: ascent + projection
+
+
+def rows_pgd_step_reference(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    row_set: RowSet,
+    backup: torch.Tensor | None,
+    norm: torch.Tensor,
+    ok: torch.Tensor,
+    alpha: float,
+    epsilon: float,
+) -> torch.Tensor:
+    """Torch reference of :func:`rows_pgd_step`. Returns the saved rows, [N, D] in weight's dtype."""
+    current = weight.index_select(0, row_set.rows)
+    if backup is None:
+        backup = current.clone()
+    # The snippet's order: w += alpha * g / ||g||; r = w - backup; r = epsilon * r / ||r|| if
+    # ||r|| > epsilon; w = backup + r; each rounded to the weight dtype.
+    step = grad.index_select(0, row_set.grad_rows).float().mul_(alpha).div_(norm)
+    moved = (current.float() + step).to(weight.dtype)
+    r = (moved.float() - backup.float()).to(weight.dtype)
+    r = torch.where(ok, r, 0.0)
+    r_norm = rows_l2_norm_reference(r, row_set.as_slots())
+    scaled = torch.where(r_norm > epsilon, r.float().mul(epsilon).div_(r_norm).to(weight.dtype), r)
+    projected = (backup.float() + scaled.float()).to(weight.dtype)
+    weight.index_copy_(0, row_set.rows, torch.where(ok, projected, current))
+    return backup
+
+
+def rows_pgd_step(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    row_set: RowSet,
+    backup: torch.Tensor | None,
+    norm: torch.Tensor,
+    ok: torch.Tensor,
+    alpha: float,
+    epsilon: float,
+    backend: Backend | None = None,
+) -> torch.Tensor:
+    """One PGD step on the rows of ``row_set``: ascend by ``alpha * g / ||g||``, then project the
+    displacement from the saved rows back into the L2 ball of radius ``epsilon``.
+
+    Args:
+        weight: [V, D], modified in place (pass ``param.data``).
+        grad: [R, D], the gradient rows addressed by ``row_set.grad_rows``.
+        backup: the clean rows, [N, D] contiguous in weight's dtype, from an earlier step of this
+            round; None on the round's first step, which saves them.
+        norm: fp32 0-dim or [1], ``||g||``. ok: bool 0-dim or [1]; False leaves every row untouched.
+
+    Returns:
+        The saved rows (``backup``, or the rows just saved), for the next step and for
+        :func:`rows_restore`. Two kernels: ascent (with the partial sums of ``r^2``), then
+        projection; ``||r||`` stays on the device between them.
+    """
+    _check_2d("weight", weight)
+    _check_2d("grad", grad)
+    if grad.shape[1] != weight.shape[1]:
+        raise ValueError(f"grad rows have {grad.shape[1]} columns, weight rows have {weight.shape[1]}.")
+    n, d = len(row_set), weight.shape[1]
+    if backup is not None and tuple(backup.shape) != (n, d):
+        raise ValueError(f"backup must be [{n}, {d}] (one row per slot), found {tuple(backup.shape)}.")
+    backend = backend or resolve_backend(weight.device)
+    if backend == "torch":
+        return rows_pgd_step_reference(weight, grad, row_set, backup, norm, ok, alpha, epsilon)
+    save_backup = backup is None
+    if save_backup:
+        backup = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
+    if n == 0:
+        return backup
+    block_n, block_d = row_block_sizes(d)
+    grid = (_cdiv(n, block_n),)
+    r = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
+    partial = torch.empty(grid[0], dtype=torch.float32, device=weight.device)
+    first, ok_flag = _first_as_uint8(row_set), ok.reshape(1).to(torch.uint8)
+    kernels().rows_pgd_ascent_kernel[grid](
+        weight, grad, backup, r, partial, row_set.rows, row_set.grad_rows, first,
+        norm.reshape(1).to(torch.float32), ok_flag, float(alpha),
+        n, d, weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1),
+        SAVE_BACKUP=save_backup, HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    r_norm = partial.sum().sqrt().reshape(1)
+    kernels().rows_pgd_project_kernel[grid](
+        weight, backup, r, row_set.rows, first, r_norm, ok_flag, float(epsilon),
+        n, d, weight.stride(0), weight.stride(1),
+        HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    return backup
+
+
+# ---------------------------------------------------------------- re-addressing gradient rows
+
+
+def gather_rows(values: torch.Tensor, value_set: RowSet, rows: torch.Tensor) -> torch.Tensor:
+    """The row of ``values`` for each id in ``rows``; zero for ids ``value_set`` does not hold.
+
+    Args:
+        values: [R, D], addressed through ``value_set.grad_rows``.
+        value_set: its rows must be sorted (as every RowSet fastadv builds is); with duplicates,
+            the first slot of each row is read.
+        rows: int64 [N], any order.
+
+    Returns:
+        [N, D] in values' dtype. Sync-free: searchsorted, then one gather.
+    """
+    if len(value_set) == 0:
+        return values.new_zeros((rows.numel(), values.shape[1]))
+    slot = torch.searchsorted(value_set.rows, rows).clamp_(max=len(value_set) - 1)
+    present = value_set.rows[slot] == rows
+    gathered = values.index_select(0, value_set.grad_rows[slot])
+    return torch.where(present[:, None], gathered, 0.0)
 
 
 def _cdiv(a: int, b: int) -> int:

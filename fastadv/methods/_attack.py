@@ -1,0 +1,115 @@
+"""What FGM and PGD share: the hooks on the model, the targets by emb_name, restore and the skip count."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
+from ..ops import Backend, resolve_backend
+from ..output_target import EmbeddingOutputs, OutputTarget
+from ..target import Target, TargetMode, attach_recorders, resolve_targets, tied_targets
+from ._common import SkipCounter
+
+
+class EmbeddingAttack:
+    """Base of the attacks that perturb the embedding along its gradient and restore it afterwards.
+
+    It hooks every nn.Embedding of ``model`` at construction (to record the rows each batch
+    touches), resolves ``emb_name`` to targets once per name, and restores what was perturbed.
+    The hooks hold the recorders, not this object: when it is collected, they come off the model.
+    """
+
+    def __init__(self, model: nn.Module, emb_name: str | None, target: TargetMode, share_rows: bool) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__} needs the nn.Module being trained, found {type(model).__name__}.")
+        if target not in ("auto", "weight", "output"):
+            raise ValueError(f"target must be 'auto', 'weight' or 'output', found {target!r}.")
+        self.model = model
+        self.emb_name = emb_name
+        self.target: TargetMode = target
+        self.share_rows = bool(share_rows)
+        self.backend: Backend | None = None  # the backend of the last attack()
+        self._recorders = attach_recorders(model)
+        self._outputs: dict[int, OutputTarget] = {}  # one output hook per module, made on demand
+        self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
+        self._detach = weakref.finalize(self, _remove_hooks, self._recorders, self._outputs, self._lookups)
+        self._targets_by_name: dict[str | None, list[Target]] = {}
+        self._attacked: list[Target] | None = None
+        self._skipped = SkipCounter()
+        self._warned_tied = False
+
+    @property
+    def skipped_steps(self) -> int:
+        """Attacks skipped because the gradient held NaN/Inf. Reading it syncs with the device."""
+        return int(self._skipped)
+
+    def remove_hooks(self) -> None:
+        """Detach the hooks from the model now (done anyway when this object is collected)."""
+        self._detach()
+        self._targets_by_name.clear()
+
+    def restore(self, emb_name: str | None = None) -> None:
+        """Put back, bit for bit, the rows the attack changed (output mode: stop adding the delta).
+
+        ``emb_name``, if given, must name the parameters that the attack perturbed.
+        """
+        if self._attacked is None:
+            raise AttackStateError("restore() called without a matching attack(): there is nothing to restore.")
+        if emb_name is not None:
+            asked = {id(t.param) for t in self._targets(emb_name)}
+            if asked != {id(t.param) for t in self._attacked}:
+                attacked = ", ".join(t.name for t in self._attacked)
+                raise EmbeddingNotFoundError(
+                    f"restore(emb_name={emb_name!r}) names other parameters than attack() perturbed ({attacked}); "
+                    "they are still perturbed. Call restore() with the attack's emb_name, or with none."
+                )
+        targets, self._attacked = self._attacked, None
+        for target in targets:
+            target.restore()
+
+    # ------------------------------------------------------------ internals
+
+    def _targets(self, emb_name: str | None) -> list[Target]:
+        targets = self._targets_by_name.get(emb_name)
+        if targets is None:
+            targets = resolve_targets(
+                self.model, emb_name, self._recorders, self.target, self.share_rows, self._outputs
+            )
+            self._targets_by_name[emb_name] = targets
+            self._warn_if_tied(targets)
+        return targets
+
+    def _gradient_norms(self, targets: list[Target], lookups: dict[int, list] | None = None) -> torch.Tensor:
+        """Prepare every target (from ``.grad``, the captured dL/de, or ``lookups`` by target id); their norms."""
+        backend = resolve_backend(targets[0].param.device)
+        for target in targets:
+            target.prepare(backend, None if lookups is None else lookups[id(target)])
+        self.backend = backend
+        device = targets[0].param.device
+        return torch.stack([t.gradient_norm(backend).to(device) for t in targets])
+
+    def _warn_if_tied(self, targets: list[Target]) -> None:
+        for target, names in tied_targets(self.model, targets):
+            if self._warned_tied:
+                return
+            self._warned_tied = True
+            warnings.warn(
+                f"'{target.name}' is tied to {', '.join(repr(n) for n in names if n != target.name)} (input and "
+                "output embeddings share one matrix). fastadv perturbs only the rows of the batch's tokens, "
+                "with the norm taken over those rows; the copied snippet perturbs every row of the shared "
+                "matrix, output projection included, so the numbers differ from the snippet on this model. "
+                "target='output' (or 'auto') perturbs the input lookup alone.",
+                FastAdvWarning,
+                stacklevel=4,
+            )
+
+
+def _remove_hooks(*registries: dict) -> None:
+    for registry in registries:
+        for hooked in registry.values():
+            hooked.remove()
+        registry.clear()

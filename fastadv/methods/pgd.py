@@ -1,0 +1,262 @@
+"""PGD on the embedding: a drop-in for the copied snippet, and a step whose inner passes skip parameter grads."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvError, FastAdvWarning, MissingGradientError
+from ..output_target import EmbeddingOutputs, OutputTarget
+from ..target import Target, TargetMode, WeightTarget
+from ._attack import EmbeddingAttack
+from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
+
+
+class PGD(EmbeddingAttack):
+    """Projected gradient ascent on the embedding, ``steps`` times per training step, restored afterwards.
+
+    Each attack moves the embedding by ``alpha * g / ||g||`` and projects the displacement ``r``
+    from the clean embedding back into the ball ``||r|| <= epsilon``. As with FGM, only the rows of
+    the batch's tokens are touched (weight mode), or the delta lives on the embedding's output
+    (output mode, for frozen, tied and sharded tables; see ``target``).
+
+    Two ways to drive it:
+
+    - the snippet's calls, unchanged (``attack(is_first_attack=...)``, ``restore()``,
+      ``backup_grad()``, ``restore_grad()``): same schedule, same numbers in fp32;
+    - ``pgd.step(closure)``: the same schedule, but the ``steps - 1`` intermediate passes compute
+      only dL/de, the gradient with respect to the embedding output (``torch.autograd.grad``): no
+      parameter gradients, so no weight-gradient matrix products and no copy of the parameter
+      gradients. The last pass is a full backward that accumulates onto the clean gradient.
+
+    Args:
+        model: the model being trained. Create PGD before the forward pass whose gradient it uses.
+        epsilon: radius of the L2 ball around the clean embedding (per matched parameter).
+        alpha: size of each ascent step; ``alpha > epsilon`` is allowed but warned.
+        steps: K, the number of attacks per training step (the snippet's K), >= 1.
+        emb_name: None for the input embedding; a string for every parameter whose name contains
+            it, as in the snippet.
+        target, share_rows: where the perturbation lives, as for :class:`fastadv.FGM`.
+
+    Usage (the snippet's loop)::
+
+        pgd = PGD(model)
+        loss = model(**batch).loss
+        loss.backward()
+        pgd.backup_grad()
+        for t in range(K):
+            pgd.attack(is_first_attack=(t == 0))
+            if t != K - 1:
+                model.zero_grad()
+            else:
+                pgd.restore_grad()
+            model(**batch).loss.backward()
+        pgd.restore()
+
+    or ``loss = pgd.step(lambda: model(**batch).loss)``. All attacks of one round must see the same
+    batch: the displacement lives on the rows (or token positions) of the round's first attack.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float = 1.0,
+        alpha: float = 0.3,
+        steps: int = 3,
+        emb_name: str | None = None,
+        target: TargetMode = "auto",
+        share_rows: bool = True,
+    ) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1 (the number of attacks per training step), found {steps!r}.")
+        super().__init__(model, emb_name, target, share_rows)
+        self.epsilon = check_epsilon(epsilon)
+        self.alpha = check_epsilon(alpha, "alpha")
+        self.steps = steps
+        self._warn_if_alpha_exceeds(self.epsilon, self.alpha)
+        self._grad_backup: dict[str, torch.Tensor | None] | None = None
+        self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
+
+    def __repr__(self) -> str:
+        return (
+            f"PGD(epsilon={self.epsilon}, alpha={self.alpha}, steps={self.steps}, emb_name={self.emb_name!r}, "
+            f"backend={self.backend!r})"
+        )
+
+    # ------------------------------------------------------------ the snippet's API
+
+    def attack(
+        self,
+        epsilon: float | None = None,
+        alpha: float | None = None,
+        emb_name: str | None = None,
+        is_first_attack: bool = False,
+    ) -> None:
+        """One ascent step along the current gradient, projected into the epsilon ball.
+
+        Args:
+            epsilon, alpha: default the constructor's.
+            emb_name: which parameters (default the constructor's); the same for a whole round.
+            is_first_attack: True on a round's first attack, which saves the clean rows; the
+                later attacks of the round move around them.
+        """
+        epsilon = self.epsilon if epsilon is None else check_epsilon(epsilon)
+        alpha = self.alpha if alpha is None else check_epsilon(alpha, "alpha")
+        self._warn_if_alpha_exceeds(epsilon, alpha)
+        targets = self._targets(self.emb_name if emb_name is None else emb_name)
+        if is_first_attack and self._attacked is not None:
+            raise AttackStateError(
+                "attack(is_first_attack=True) called while a PGD round is in progress (the embedding is still "
+                "perturbed and was left as it is). Call restore() at the end of each round, before the next "
+                "round's first attack."
+            )
+        if not is_first_attack:
+            if self._attacked is None:
+                raise AttackStateError(
+                    "attack(is_first_attack=False) called before the round's first attack, so there are no clean "
+                    "rows to project around. Call attack(is_first_attack=(t == 0)) in the loop, as the snippet does."
+                )
+            if {id(t) for t in targets} != {id(t) for t in self._attacked}:
+                raise EmbeddingNotFoundError(
+                    f"attack(emb_name={emb_name!r}) names other parameters than this round's first attack "
+                    f"({', '.join(t.name for t in self._attacked)}). Use one emb_name for the whole round."
+                )
+        self._ascend(targets, epsilon, alpha)
+
+    def backup_grad(self) -> None:
+        """Save a copy of every trainable parameter's gradient (the snippet's semantics; costs one
+        model's worth of memory: :meth:`step` needs none)."""
+        self._grad_backup = {
+            name: None if p.grad is None else p.grad.clone()
+            for name, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+
+    def restore_grad(self) -> None:
+        """Put the gradients saved by :meth:`backup_grad` back (``param.grad = saved``)."""
+        if self._grad_backup is None:
+            raise AttackStateError("restore_grad() called without backup_grad(): there is no gradient to restore.")
+        saved, self._grad_backup = self._grad_backup, None
+        for name, p in self.model.named_parameters():
+            if name in saved:
+                p.grad = saved[name]
+
+    # ------------------------------------------------------------ the fast step
+
+    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor:
+        """One PGD training step's passes: clean backward, K attacks with K-1 dL/de-only passes, one
+        full adversarial backward, restore.
+
+        Args:
+            closure: runs a forward pass and returns the loss (a scalar tensor); called K + 1 times.
+            backward: how to backpropagate a loss (default ``loss.backward()``), e.g.
+                ``accelerator.backward``. The intermediate passes do not use it: they take dL/de with
+                ``torch.autograd.grad``, whose direction does not depend on loss scaling.
+
+        Returns:
+            The clean loss, detached. The gradient holds clean + adversarial (at the last attack), as
+            in the snippet's loop; the optimizer step stays the caller's.
+        """
+        if self._attacked is not None:
+            raise AttackStateError("step() called while an attack is in progress: call restore() first.")
+        backward = backward or plain_backward
+        targets = self._targets(self.emb_name)
+        lookups = self._lookup_recorders(targets)
+        loss = check_loss(closure(), "closure()")
+        backward(loss)
+        try:
+            gradients = None  # the first attack reads the clean gradient (.grad, or dL/de captured)
+            for t in range(self.steps):
+                self._ascend(targets, self.epsilon, self.alpha, gradients)
+                if t == self.steps - 1:
+                    backward(check_loss(closure(), "closure()"))
+                else:
+                    gradients = self._output_gradients(targets, lookups, closure)
+        finally:
+            if self._attacked is not None:
+                self.restore()
+        return loss.detach()
+
+    # ------------------------------------------------------------ internals
+
+    def _targets(self, emb_name: str | None) -> list[Target]:
+        targets = super()._targets(emb_name)
+        for target in targets:
+            if isinstance(target, OutputTarget):  # the snippet's inner passes give the gradient to ascend along
+                target.capture_perturbed = True
+        return targets
+
+    def _ascend(self, targets: list[Target], epsilon: float, alpha: float, gradients: dict | None = None) -> None:
+        first = self._attacked is None
+        norms = self._gradient_norms(targets, gradients)
+        # A non-finite gradient anywhere skips the step on the device: the rows stay where they are.
+        finite = torch.isfinite(norms).all()
+        done: list[Target] = []
+        try:
+            for target, norm in zip(targets, norms, strict=True):
+                target.ascend(alpha, epsilon, norm, finite & (norm > 0), self.backend)
+                done.append(target)
+        except BaseException:
+            for target in done if first else ():
+                target.restore()
+            raise
+        self._skipped.add(~finite)
+        self._attacked = targets
+
+    def _lookup_recorders(self, targets: list[Target]) -> dict[int, list[EmbeddingOutputs]]:
+        """The lookup recorders of each target's embedding modules, by target id (made on first use)."""
+        recorders = {}
+        for target in targets:
+            if isinstance(target, WeightTarget) and target.recorder is None:
+                raise FastAdvError(
+                    f"pgd.step() takes its intermediate gradients with respect to embedding outputs, and "
+                    f"'{target.name}' is not an embedding table. Pass an emb_name that matches embedding tables "
+                    "only, or use the snippet's calls (attack/restore/backup_grad/restore_grad)."
+                )
+            modules = [target.module] if isinstance(target, OutputTarget) else self._modules_of(target.param)
+            for module in modules:
+                if id(module) not in self._lookups:
+                    self._lookups[id(module)] = EmbeddingOutputs(target.name, module)
+            recorders[id(target)] = [self._lookups[id(m)] for m in modules]
+        return recorders
+
+    def _modules_of(self, weight: nn.Parameter) -> list[nn.Embedding]:
+        return [m for m in self.model.modules() if isinstance(m, nn.Embedding) and m.weight is weight]
+
+    def _output_gradients(
+        self, targets: list[Target], lookups: dict[int, list[EmbeddingOutputs]], closure: Closure
+    ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """One perturbed pass; dL/de of every lookup of each target's modules, as (ids, dL/de) by target id."""
+        recorders = {id(r): r for rs in lookups.values() for r in rs}
+        for recorder in recorders.values():
+            recorder.clear()
+        loss = check_loss(closure(), "closure()")
+        edges = [(id(r), ids, edge) for r in recorders.values() for ids, edge in zip(r.ids, r.edges, strict=True)]
+        grads = torch.autograd.grad(loss, [edge for _, _, edge in edges], allow_unused=True) if edges else ()
+        by_recorder: dict[int, list] = {key: [] for key in recorders}
+        for (key, ids, _), grad in zip(edges, grads, strict=True):
+            if grad is not None:
+                by_recorder[key].append((ids, grad))
+        gradients = {}
+        for target in targets:
+            pairs = [pair for r in lookups[id(target)] for pair in by_recorder[id(r)]]
+            if not pairs:
+                raise MissingGradientError(
+                    f"the perturbed pass's loss does not depend on any lookup of '{target.name}': the closure must "
+                    "run the same forward pass each time, with gradients enabled."
+                )
+            gradients[id(target)] = pairs
+        return gradients
+
+    @staticmethod
+    def _warn_if_alpha_exceeds(epsilon: float, alpha: float) -> None:
+        if alpha > epsilon:
+            warnings.warn(
+                f"PGD alpha={alpha} > epsilon={epsilon}: every step leaves the epsilon ball and is projected back "
+                "onto its surface, so the attack moves along the ball's edge. Usual settings have alpha < epsilon "
+                "(e.g. epsilon=1.0, alpha=0.3).",
+                FastAdvWarning,
+                stacklevel=3,
+            )
