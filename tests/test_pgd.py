@@ -221,3 +221,35 @@ def test_a_failing_pass_inside_step_leaves_the_weights_restored(backend):
     with pytest.raises(RuntimeError, match="out of memory"):
         PGD(model).step(closure)
     assert torch.equal(model.get_input_embeddings().weight, table)
+
+
+def test_sparse_embedding_gradient_trains_like_a_dense_one(backend):
+    """nn.Embedding(sparse=True): the gradient names its own rows; later attacks re-address them."""
+    dense = BagOfEmbeddings().to(DEVICE)
+    sparse = BagOfEmbeddings(sparse=True).to(DEVICE)
+    sparse.load_state_dict(dense.state_dict())
+    data = batches(3)
+    train_snippet_loop(dense, SnippetPGD(dense), data, bag_loss, 0.05, 0.03, "emb.", optimizer="sgd", lr=0.1)
+    train_snippet_loop(sparse, PGD(sparse), data, bag_loss, 0.05, 0.03, "emb.", optimizer="sgd", lr=0.1)
+    assert whole_model_difference(sparse, dense) <= 1e-5
+
+
+def test_output_mode_per_position_stays_in_the_ball(backend):
+    model = tiny_bert()
+    ids, labels = batches(1)[0]
+    clean = model.get_input_embeddings()(ids).detach()
+    table = model.get_input_embeddings().weight.detach().clone()
+    perturbed = []
+    pgd = PGD(model, epsilon=0.05, alpha=0.03, target="output", share_rows=False)
+    bert_loss(model, ids, labels).backward()
+    for t in range(K):
+        pgd.attack(is_first_attack=t == 0)
+        with torch.no_grad():
+            perturbed.append(model.bert.embeddings.word_embeddings(ids) - clean)
+        model.zero_grad()
+        bert_loss(model, ids, labels).backward()
+    pgd.restore()
+    norms = [p.norm().item() for p in perturbed]
+    assert abs(norms[0] - 0.03) <= 1e-6 and all(n <= 0.05 * (1 + 1e-6) for n in norms) and norms[-1] > norms[0]
+    assert len({tuple(p[0, 0, :3].tolist()) for p in perturbed}) == K, "each attack moves delta"
+    assert torch.equal(model.get_input_embeddings().weight, table)
