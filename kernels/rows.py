@@ -217,7 +217,7 @@ def rows_pgd_project_kernel(
     w_rows_ptr,  # int64 [N]
     first_ptr,  # uint8 [N] (HAS_FIRST only)
     r_norm_ptr,  # fp32 [1]: ||r|| over all rows
-    ok_ptr,  # uint8 [1]: 0 leaves the weight untouched
+    ok_ptr,  # uint8 [1]: 0 leaves the weight as it is
     epsilon,  # fp32 scalar: the radius of the ball around the clean rows
     N,
     D,
@@ -230,10 +230,11 @@ def rows_pgd_project_kernel(
     # Second half: w = backup + r, with r scaled to epsilon * r / ||r|| when ||r|| > epsilon.
     i_n = tl.program_id(0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = (o_n < N) & (tl.load(ok_ptr) != 0)
+    m_n = o_n < N
     if HAS_FIRST:
         m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
     b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    b_ok = tl.load(ok_ptr) != 0
     b_r_norm = tl.load(r_norm_ptr)
     b_outside = b_r_norm > epsilon
     b_divisor = tl.where(b_outside, b_r_norm, 1.0)
@@ -247,4 +248,6 @@ def rows_pgd_project_kernel(
         # Same order as the snippet's `epsilon * r / torch.norm(r)`, rounded to the weight dtype.
         b_scaled = tl.where(b_outside, ((epsilon * b_r.to(tl.float32)) / b_divisor).to(b_r.dtype), b_r)
         b_new = (b_backup.to(tl.float32) + b_scaled.to(tl.float32)).to(b_backup.dtype)
-        tl.store(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, b_new, mask=m)
+        p_w = w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col
+        # A skipped step writes the rows back as they are, bit for bit.
+        tl.store(p_w, tl.where(b_ok, b_new, tl.load(p_w, mask=m, other=0.0)), mask=m)
