@@ -77,9 +77,7 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # "[memory]" events are single allocations (+) and frees (-), in the order they happened.
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
