@@ -7,6 +7,6 @@ into the package for regular and editable installs alike.
 from setuptools import setup
 
 setup(
-    packages=["fastadv", "fastadv.ops", "fastadv.methods", "fastadv.kernels"],
+    packages=["fastadv", "fastadv.ops", "fastadv.methods", "fastadv.integrations", "fastadv.kernels"],
     package_dir={"fastadv": "fastadv", "fastadv.kernels": "kernels"},
 )

@@ -81,11 +81,12 @@ class OutputTarget:
     def check_trainable(self) -> None:
         """Output mode needs no trainable weight."""
 
-    def prepare(self, backend: Backend, lookups: Lookups | None = None) -> None:
+    def prepare(self, backend: Backend, lookups: Lookups | None = None, average_over_ranks: bool = False) -> None:
         """Sum dL/de per token id (or keep it per position); raises before anything changes.
 
         ``lookups`` (ids, dL/de) replaces the captured gradient (PGD's intermediate passes). While
-        attacking, the gradient is re-addressed to the slots of the current delta.
+        attacking, the gradient is re-addressed to the slots of the current delta. Output mode
+        always uses this rank's own micro-batch gradient, so ``average_over_ranks`` changes nothing.
         """
         lookups = self._captured if lookups is None else lookups
         if not lookups:

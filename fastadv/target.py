@@ -15,6 +15,7 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
+from .distributed import all_reduce_sum, gather_ids, row_shard, unwrap_data_parallel
 from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
 from .ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore
 from .ops.backend import Backend
@@ -46,6 +47,10 @@ def find_input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
     Returns:
         (module name, module). Raises EmbeddingNotFoundError when there is none or several.
     """
+    prefix, inner = unwrap_data_parallel(model)
+    if inner is not model:
+        name, module = find_input_embedding(inner)
+        return prefix + name, module
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
         try:
@@ -156,12 +161,16 @@ class LookupRecorder:
                 stacklevel=2,
             )
 
-    def row_set(self) -> RowSet | None:
-        """The recorded rows (None when nothing was recorded since the last reset)."""
+    def ids(self) -> torch.Tensor | None:
+        """The recorded ids, 1-D, duplicates included (None when nothing was recorded since the last reset)."""
         if not self._ids:
             return None
-        ids = self._ids[0] if len(self._ids) == 1 else torch.cat(self._ids)
-        return row_set_from_ids(ids)
+        return self._ids[0] if len(self._ids) == 1 else torch.cat(self._ids)
+
+    def row_set(self) -> RowSet | None:
+        """The recorded rows (None when nothing was recorded since the last reset)."""
+        ids = self.ids()
+        return None if ids is None else row_set_from_ids(ids)
 
 
 def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:
@@ -201,10 +210,16 @@ class WeightTarget:
     saved rows back bit for bit, into the same storage.
     """
 
-    def __init__(self, name: str, param: nn.Parameter, recorder: LookupRecorder | None) -> None:
+    def __init__(
+        self, name: str, param: nn.Parameter, recorder: LookupRecorder | None, group: object | None = None
+    ) -> None:
+        """``group``: the DDP process group whose ranks average this gradient (their ids are gathered).
+        An FSDP2 table (a DTensor sharded by rows) is perturbed on this rank's shard."""
         self.name = name
         self.param = param
         self.recorder = recorder
+        self.shard = row_shard(param)
+        self.group = self.shard.group if self.shard is not None else group
         self._grad: torch.Tensor | None = None  # set by prepare(): the gradient rows
         self._grad_set: RowSet | None = None  # and where they live
         self._rows: RowSet | None = None  # set by add()/ascend(): the saved rows
@@ -222,12 +237,14 @@ class WeightTarget:
                 f"perturb along. Unfreeze it with requires_grad_(True), or {OUTPUT_MODE_HINT}."
             )
 
-    def prepare(self, backend: Backend, lookups: Lookups | None = None) -> None:
+    def prepare(self, backend: Backend, lookups: Lookups | None = None, average_over_ranks: bool = False) -> None:
         """Take the gradient and the rows it lives on; raises before anything is modified.
 
         ``lookups`` (ids, dL/de of each lookup of this table) replaces ``.grad``: the table's
         gradient from those lookups alone, summed per id (PGD's intermediate passes). While a PGD
         round is in progress, the gradient is re-addressed to the rows saved at its first step.
+        ``average_over_ranks``: ``.grad`` is this rank's own (a backward under DDP's no_sync); the
+        rows it needs are averaged over the DDP group here, U x d instead of the whole model.
         """
         self.check_trainable()
         dense = False
@@ -235,29 +252,42 @@ class WeightTarget:
             if self.recorder is None:
                 raise MissingGradientError(f"'{self.name}' is not an embedding table: it has no lookups.")
             grad_set, grad = gradient_rows(lookups, self.recorder.padding_idx, True, backend, self.name)
+            if self.group is not None:  # dL/de is this rank's own: average the rows over the ranks
+                grad, grad_set = self._averaged_over_ranks(lookups, grad, grad_set)
         else:
             grad = self.param.grad
             if grad is None:
                 raise MissingGradientError(
                     f"'{self.name}' has no gradient: call loss.backward() on the clean loss before attack()."
                 )
+            if self.shard is not None:
+                grad = grad.to_local()
             if grad.is_sparse:  # nn.Embedding(sparse=True): the gradient names its own rows
                 grad = grad.coalesce()
                 values = grad.values()
                 grad_set = RowSet(grad.indices()[0], torch.arange(values.shape[0], device=values.device))
                 grad = values.reshape(values.shape[0], -1)
             elif self.recorder is not None:
-                grad_set = self.recorder.row_set()
-                if grad_set is None:
+                ids = self.recorder.ids()
+                if ids is None:
                     raise MissingGradientError(
                         f"'{self.name}' has a gradient, but fastadv saw no lookup of it since the gradient was "
                         "last reset. Create the fastadv object before the forward pass whose gradient it uses."
                     )
-                dense = True
+                grad_set, dense = row_set_from_ids(self._rows_of_this_rank(ids)), True
             else:
                 grad = _as_matrix(grad)
                 all_rows = torch.arange(grad.shape[0], device=grad.device)
                 grad_set, dense = RowSet(all_rows, all_rows), True
+        if average_over_ranks:
+            if self.group is None or self.shard is not None or not dense:
+                raise ValueError(
+                    f"averaging '{self.name}''s gradient rows over ranks needs a table replicated by DDP (pass the "
+                    "DDP-wrapped model), with a dense gradient."
+                )
+            world = torch.distributed.get_world_size(self.group)
+            grad = all_reduce_sum(grad.index_select(0, grad_set.grad_rows), self.group).div_(world)
+            grad_set, dense = grad_set.as_slots(), False
         if self._rows is not None:  # a PGD round: the gradient on the saved rows' slots
             if dense:  # a dense gradient can be read at any row
                 grad_set = RowSet(self._rows.rows, self._rows.rows, self._rows.first)
@@ -266,14 +296,49 @@ class WeightTarget:
         self._grad, self._grad_set = grad, grad_set
 
     def gradient_norm(self, backend: Backend) -> torch.Tensor:
-        """fp32 0-dim: the L2 norm of the gradient (over its non-zero rows)."""
+        """fp32 0-dim: the L2 norm of the gradient (over its non-zero rows; every shard's under FSDP2)."""
         assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        return rows_l2_norm(self._grad, self._grad_set, backend)
+        norm = rows_l2_norm(self._grad, self._grad_set, backend)
+        if self.shard is None:
+            return norm
+        return all_reduce_sum(norm.square().reshape(1), self.shard.group).sqrt().reshape(())
+
+    def _rows_of_this_rank(self, ids: torch.Tensor) -> torch.Tensor:
+        """The recorded ids whose rows hold this rank's gradient: every rank's under DDP and FSDP2,
+        and under FSDP2 those of this rank's shard, as local rows."""
+        if self.group is not None:
+            ids = gather_ids(ids, self.group)
+        if self.shard is not None:
+            ids = ids.to(torch.int64)
+            start, stop = self.shard.start, self.shard.start + self.shard.rows
+            ids = ids[(ids >= start) & (ids < stop)] - start  # one host sync, as gather_ids has
+        return ids
+
+    def _averaged_over_ranks(
+        self, lookups: Lookups, grad: torch.Tensor, grad_set: RowSet
+    ) -> tuple[torch.Tensor, RowSet]:
+        """This rank's per-id gradient rows averaged over the group, on the rows of every rank's ids
+        (under FSDP2, then cut to this rank's shard, as local rows)."""
+        ids = gather_ids(torch.cat([i.reshape(-1) for i, _ in lookups]), self.group)
+        rows = row_set_from_ids(ids).as_slots()  # the same on every rank: the all-reduce lines up
+        world = torch.distributed.get_world_size(self.group)
+        summed = all_reduce_sum(gather_rows(grad, grad_set, rows.rows), self.group).div_(world)
+        if self.shard is None:
+            return summed, rows
+        start, stop = self.shard.start, self.shard.start + self.shard.rows
+        keep = (rows.rows >= start) & (rows.rows < stop)  # one host sync, as gather_ids has
+        first = None if rows.first is None else rows.first[keep]
+        local = RowSet(rows.rows[keep] - start, torch.arange(int(keep.sum()), device=keep.device), first)
+        return summed[keep], local
+
+    def _weight(self) -> torch.Tensor:
+        """The table as a [rows, columns] matrix sharing the parameter's storage (this rank's shard under FSDP2)."""
+        return _as_matrix(self.param.data.to_local() if self.shard is not None else self.param.data)
 
     def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
         """FGM: save the rows, then add the perturbation to them in place (unless ``ok`` is False)."""
         assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        weight = _as_matrix(self.param.data)
+        weight = self._weight()
         self._backup = rows_backup_add(weight, self._grad, self._grad_set, norm, ok, epsilon, sign, backend)
         self._rows, self._backend = self._grad_set, backend
         self._grad = self._grad_set = None  # the gradient is not ours to keep alive
@@ -282,7 +347,7 @@ class WeightTarget:
         """PGD: one step of ``alpha * g / norm`` on the rows, projected into the epsilon ball around
         the rows saved at the round's first step (which this call saves when it is that step)."""
         assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        weight = _as_matrix(self.param.data)
+        weight = self._weight()
         self._backup = rows_pgd_step(
             weight, self._grad, self._grad_set, self._backup, norm, ok, alpha, epsilon, backend
         )
@@ -294,13 +359,8 @@ class WeightTarget:
     def restore(self) -> None:
         """Copy the saved rows back into the parameter's own storage, bit for bit."""
         assert self._backup is not None and self._rows is not None, "add() first"
-        rows_restore(_as_matrix(self.param.data), self._backup, self._rows, self._backend)
+        rows_restore(self._weight(), self._backup, self._rows, self._backend)
         self._backup = self._rows = self._backend = None
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    """True for a parameter an engine has sharded (a DTensor, as FSDP2 makes)."""
-    return type(param).__name__ == "DTensor" or type(param.data).__name__ == "DTensor"
 
 
 def resolve_targets(
@@ -310,6 +370,7 @@ def resolve_targets(
     mode: TargetMode = "weight",
     share_rows: bool = True,
     outputs: dict[int, OutputTarget] | None = None,
+    group: object | None = None,
 ) -> list[Target]:
     """The places to perturb.
 
@@ -317,8 +378,10 @@ def resolve_targets(
     contains ``emb_name``: embedding tables on their touched rows (weight mode) or their output
     (output mode), any other trainable parameter (e.g. a LayerNorm weight under emb_name='emb')
     whole, in weight mode. ``mode='auto'`` keeps weight rows where that is valid and exact
-    (trainable, not tied, not sharded) and perturbs the output elsewhere, logged once at INFO.
-    ``outputs`` caches one OutputTarget (one hook) per module across calls.
+    (trainable, not tied, unsharded or sharded by rows as FSDP2 does) and perturbs the output
+    elsewhere, logged once at INFO.
+    ``outputs`` caches one OutputTarget (one hook) per module across calls. ``group``: the DDP
+    process group that averages the gradients (see fastadv.distributed).
     """
     outputs = {} if outputs is None else outputs
     tables = {id(m.weight): (n, m) for n, m in _embedding_modules(model)}
@@ -347,7 +410,7 @@ def resolve_targets(
                     f"target='output' perturbs embedding lookups, and '{name}' is not the weight of an nn.Embedding. "
                     "Pass an emb_name that matches embedding tables only, or use target='weight' or 'auto'."
                 )
-            targets.append(WeightTarget(name, param, None))
+            targets.append(WeightTarget(name, param, None, group))
             continue
         reason = _output_mode_reason(model, param) if mode != "weight" else None
         if mode == "output" or reason is not None:
@@ -358,7 +421,7 @@ def resolve_targets(
                 outputs[id(module)] = OutputTarget(name, module, share_rows)
             targets.append(outputs[id(module)])
         elif param.requires_grad or emb_name is None:
-            targets.append(WeightTarget(name, param, _recorder_of_table(name, param, recorders)))
+            targets.append(WeightTarget(name, param, _recorder_of_table(name, param, recorders), group))
     if not targets:
         names = ", ".join(f"'{n}'" for n, _ in matched)
         raise FrozenEmbeddingError(
@@ -374,8 +437,10 @@ def _output_mode_reason(model: nn.Module, weight: nn.Parameter) -> str | None:
     """Why weight-row perturbation would be wrong for this table (None when it is valid and exact)."""
     if not weight.requires_grad:
         return "the embedding is frozen, so its weight has no gradient"
-    if is_sharded(weight):
-        return "the embedding is sharded, so its rows are not all on this rank"
+    try:
+        row_shard(weight)
+    except ValueError as err:
+        return str(err)
     names = shared_parameter_names(model, weight)
     if len(names) > 1:
         return f"the embedding is tied to {', '.join(repr(n) for n in names[1:])}, which weight rows would perturb too"

@@ -8,6 +8,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..distributed import data_parallel_wrapper, warn_if_unwrapped_data_parallel
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
 from ..ops import Backend, resolve_backend
 from ..output_target import EmbeddingOutputs, OutputTarget
@@ -33,6 +34,11 @@ class EmbeddingAttack:
         self.target: TargetMode = target
         self.share_rows = bool(share_rows)
         self.backend: Backend | None = None  # the backend of the last attack()
+        self._ddp = data_parallel_wrapper(model)
+        self._group = None if self._ddp is None else self._ddp.process_group
+        unwrapped = warn_if_unwrapped_data_parallel(self._group)
+        if unwrapped is not None:
+            warnings.warn(unwrapped, FastAdvWarning, stacklevel=3)
         self._recorders = attach_recorders(model)
         self._outputs: dict[int, OutputTarget] = {}  # one output hook per module, made on demand
         self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
@@ -77,17 +83,19 @@ class EmbeddingAttack:
         targets = self._targets_by_name.get(emb_name)
         if targets is None:
             targets = resolve_targets(
-                self.model, emb_name, self._recorders, self.target, self.share_rows, self._outputs
+                self.model, emb_name, self._recorders, self.target, self.share_rows, self._outputs, self._group
             )
             self._targets_by_name[emb_name] = targets
             self._warn_if_tied(targets)
         return targets
 
-    def _gradient_norms(self, targets: list[Target], lookups: dict[int, list] | None = None) -> torch.Tensor:
+    def _gradient_norms(
+        self, targets: list[Target], lookups: dict[int, list] | None = None, average_over_ranks: bool = False
+    ) -> torch.Tensor:
         """Prepare every target (from ``.grad``, the captured dL/de, or ``lookups`` by target id); their norms."""
         backend = resolve_backend(targets[0].param.device)
         for target in targets:
-            target.prepare(backend, None if lookups is None else lookups[id(target)])
+            target.prepare(backend, None if lookups is None else lookups[id(target)], average_over_ranks)
         self.backend = backend
         device = targets[0].param.device
         return torch.stack([t.gradient_norm(backend).to(device) for t in targets])

@@ -87,9 +87,12 @@ class FGM(EmbeddingAttack):
                 f"attack() called again before restore(); {names} is still perturbed and was left as it is. "
                 "Call restore() after the adversarial backward pass, before the next attack()."
             )
+        self._attack(epsilon, emb_name)
+
+    def _attack(self, epsilon: float | None, emb_name: str | None, average_over_ranks: bool = False) -> None:
         epsilon = self.epsilon if epsilon is None else check_epsilon(epsilon)
         targets = self._targets(self.emb_name if emb_name is None else emb_name)
-        norms = self._gradient_norms(targets)
+        norms = self._gradient_norms(targets, average_over_ranks=average_over_ranks)
         # A non-finite gradient anywhere skips the whole step, on the device: weights stay untouched.
         finite = torch.isfinite(norms).all()
         done: list[Target] = []
@@ -116,20 +119,37 @@ class FGM(EmbeddingAttack):
         finally:
             self.restore()
 
-    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor:
+    def step(self, closure: Closure, backward: BackwardFn | None = None, clean_no_sync: bool = False) -> torch.Tensor:
         """One adversarial training step's passes: clean backward, attack, adversarial backward, restore.
 
         Args:
             closure: runs a forward pass and returns the loss (a scalar tensor).
             backward: how to backpropagate a loss (default ``loss.backward()``); pass e.g.
                 ``accelerator.backward`` or ``lambda l: scaler.scale(l).backward()``.
+            clean_no_sync: DDP only: run the clean pass under ``no_sync()``, so the gradients are
+                all-reduced once, after the adversarial pass, instead of after each pass. The attack
+                then averages only the table rows it needs (U x d) over the ranks. Same numbers.
 
         Returns:
             The clean loss, detached. The optimizer step stays the caller's.
         """
         backward = backward or plain_backward
-        loss = check_loss(closure(), "closure()")
-        backward(loss)
-        with self.perturbed():
+        if clean_no_sync:
+            if self._ddp is None:
+                raise ValueError(
+                    "clean_no_sync=True runs the clean pass under DistributedDataParallel.no_sync(), but FGM was "
+                    "not given a DDP-wrapped model. Create FGM on the DDP model, or leave clean_no_sync False."
+                )
+            with self._ddp.no_sync():
+                loss = check_loss(closure(), "closure()")
+                backward(loss)
+            self._attack(None, None, average_over_ranks=True)
+        else:
+            loss = check_loss(closure(), "closure()")
+            backward(loss)
+            self.attack()
+        try:
             backward(check_loss(closure(), "closure()"))
+        finally:
+            self.restore()
         return loss.detach()

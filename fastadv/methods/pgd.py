@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -232,9 +233,11 @@ class PGD(EmbeddingAttack):
         recorders = {id(r): r for rs in lookups.values() for r in rs}
         for recorder in recorders.values():
             recorder.clear()
-        loss = check_loss(closure(), "closure()")
-        edges = [(id(r), ids, edge) for r in recorders.values() for ids, edge in zip(r.ids, r.edges, strict=True)]
-        grads = torch.autograd.grad(loss, [edge for _, _, edge in edges], allow_unused=True) if edges else ()
+        # Under DDP the pass must not arm the gradient all-reduce: it computes no parameter gradient.
+        with self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext():
+            loss = check_loss(closure(), "closure()")
+            edges = [(id(r), ids, e) for r in recorders.values() for ids, e in zip(r.ids, r.edges, strict=True)]
+            grads = torch.autograd.grad(loss, [e for _, _, e in edges], allow_unused=True) if edges else ()
         by_recorder: dict[int, list] = {key: [] for key in recorders}
         for (key, ids, _), grad in zip(edges, grads, strict=True):
             if grad is not None:

@@ -1,0 +1,122 @@
+"""Data-parallel training: which ranks share a gradient, and the two collectives attack() needs.
+
+Under DDP every rank holds the whole table and, after backward, the gradient averaged over all
+ranks' batches: its non-zero rows are the union of every rank's token ids, so the ids are
+gathered. Under FSDP2 (``fully_shard``) the table and its averaged gradient are sharded by rows
+(a DTensor, Shard(0)): each rank perturbs the gathered ids that fall in its shard, and one
+all-reduce of the sum of squares gives the global norm. Nothing here is imported by a
+single-process run beyond these functions' first lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def data_parallel_wrapper(model: nn.Module) -> nn.Module | None:
+    """The DistributedDataParallel wrapper of ``model`` (it, or a submodule), or None."""
+    if not _distributed():
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    for module in model.modules():
+        if isinstance(module, DistributedDataParallel):
+            return module
+    return None
+
+
+def data_parallel_group(model: nn.Module) -> object | None:
+    """The process group of the DistributedDataParallel wrapper of ``model``, or None."""
+    wrapper = data_parallel_wrapper(model)
+    return None if wrapper is None else wrapper.process_group
+
+
+def unwrap_data_parallel(model: nn.Module) -> tuple[str, nn.Module]:
+    """(prefix, module) of the model inside a DDP wrapper, e.g. ("module.", bert); ("", model) otherwise."""
+    if _distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(model, DistributedDataParallel):
+            return "module.", model.module
+    return "", model
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """The rows of a table this rank holds under FSDP2: global rows [start, start + rows)."""
+
+    group: object
+    start: int
+    rows: int
+
+
+def row_shard(param: torch.Tensor) -> RowShard | None:
+    """The row shard of an FSDP2 parameter (a DTensor sharded on dim 0 over a 1-D mesh), else None.
+
+    Raises ValueError for a DTensor in another layout (replicated, sharded on columns, 2-D mesh).
+    """
+    if type(param).__name__ != "DTensor":
+        return None
+    mesh, placements = param.device_mesh, param.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not placements[0].is_shard(0):
+        raise ValueError(
+            f"the table is a DTensor with placements {placements} on a {mesh.ndim}-D mesh; fastadv perturbs the "
+            "rows of tables sharded by rows over one mesh dimension (FSDP2's fully_shard)."
+        )
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunk = -(-param.shape[0] // world)  # torch.chunk's split, as fully_shard uses
+    start = min(rank * chunk, param.shape[0])
+    rows = max(0, min(chunk, param.shape[0] - start))
+    local = param.to_local().shape[0]
+    if local != rows:
+        raise ValueError(
+            f"rank {rank} holds {local} rows of a {param.shape[0]}-row table, expected {rows} from an even "
+            "torch.chunk split: this sharding is not one fastadv knows."
+        )
+    return RowShard(mesh.get_group(), start, rows)
+
+
+def gather_ids(ids: torch.Tensor, group: object) -> torch.Tensor:
+    """Every rank's token ids, concatenated in rank order (1-D int64). Ranks may hold different counts.
+
+    Two collectives: the counts (a host read: one small sync per attack on CUDA), then the ids.
+    """
+    import torch.distributed as dist
+
+    ids = ids.reshape(-1).to(torch.int64)
+    world = dist.get_world_size(group)
+    count = torch.tensor([ids.numel()], device=ids.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros(max(sizes), dtype=torch.int64, device=ids.device)
+    padded[: ids.numel()] = ids
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)])
+
+
+def all_reduce_sum(t: torch.Tensor, group: object) -> torch.Tensor:
+    """Sum ``t`` over the ranks of ``group``, in place; returns it."""
+    import torch.distributed as dist
+
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t
+
+
+def warn_if_unwrapped_data_parallel(group: object | None) -> str | None:
+    """A warning's text when ranks train together but no DDP wrapper says how they share gradients."""
+    if group is not None or not _distributed() or torch.distributed.get_world_size() == 1:
+        return None
+    return (
+        "torch.distributed is initialized, but the model given to fastadv is not wrapped in "
+        "DistributedDataParallel, so each rank perturbs the rows of its own batch only. If gradients are "
+        "averaged across ranks, pass the DDP-wrapped model, so the rows of every rank's batch are perturbed."
+    )

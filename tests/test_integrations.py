@@ -1,0 +1,347 @@
+"""Integrations: transformers' Trainer, accelerate and Lightning train to the weights of a hand-written loop.
+
+Every run is on CPU tensors (the integrations are control flow; the kernels have their own tests):
+12 examples, micro-batches of 2, 2 micro-batches per optimizer step, 3 steps, SGD (its update is
+proportional to the gradient, so a wrong loss scale shows), no clipping, a constant learning rate.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+from conftest import relative_difference
+from models import VOCAB, tiny_bert
+from torch import nn
+
+from fastadv import FGM, PGD, FreeLB, GradientPenalty
+
+MICRO, ACCUM, STEPS, SEQ, LR = 2, 2, 3, 11, 0.1
+MATCH = 1e-5  # relative difference of the weight updates, Trainer/Lightning against the hand loop
+
+
+def examples(n: int = MICRO * ACCUM * STEPS, seed: int = 3) -> list[dict[str, torch.Tensor]]:
+    """Dicts of input_ids and attention_mask (SEQ,) and a label (); lengths 9 to 11, padded with id 0."""
+    gen = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        ids = torch.zeros(SEQ, dtype=torch.long)
+        length = SEQ - i % 3
+        ids[:length] = torch.randint(1, VOCAB, (length,), generator=gen)
+        label = torch.randint(0, 3, (), generator=gen)
+        items.append({"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": label})
+    return items
+
+
+class Examples(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.items = examples()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.items[i]
+
+
+def micro_batches() -> list[dict[str, torch.Tensor]]:
+    """The examples in order, stacked MICRO at a time (what the sequential loaders yield)."""
+    items = examples()
+    groups = [items[i : i + MICRO] for i in range(0, len(items), MICRO)]
+    return [{key: torch.stack([item[key] for item in group]) for key in group[0]} for group in groups]
+
+
+def bert() -> nn.Module:
+    """tiny_bert (seed 0, no dropout): every call returns the same weights."""
+    return tiny_bert().to("cpu")
+
+
+def flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def assert_same_training(trained: nn.Module, reference: nn.Module, initial: torch.Tensor, what: str) -> None:
+    """The weights' updates agree to MATCH (so the weights agree far more closely)."""
+    update = relative_difference(flat(trained) - initial, flat(reference) - initial)
+    weights = relative_difference(flat(trained), flat(reference))
+    assert update <= MATCH, f"{what}: updates differ by {update:.3g} (weights by {weights:.3g}), want <= {MATCH}"
+
+
+def step_with(adversary: object | None) -> Callable:
+    """How the hand loop runs one micro-batch's passes: the adversary's step, or one plain backward."""
+
+    def run(closure: Callable, backward: Callable, batch: dict) -> torch.Tensor:
+        if adversary is None:
+            loss = closure()
+            backward(loss)
+            return loss.detach()
+        kwargs = {"attention_mask": batch["attention_mask"]} if isinstance(adversary, FreeLB) else {}
+        return adversary.step(closure, backward=backward, **kwargs)
+
+    return run
+
+
+def hand_loop(model: nn.Module, step: Callable, divide: bool) -> list[torch.Tensor]:
+    """SGD, an optimizer step every ACCUM micro-batches; each micro-batch's loss divided by ACCUM if ``divide``.
+
+    Returns the losses the step returned, scaled as the backward scales them.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model.train()
+    losses = []
+    for i, batch in enumerate(micro_batches()):
+
+        def backward(loss: torch.Tensor) -> None:
+            (loss / ACCUM if divide else loss).backward()
+
+        loss = step(lambda batch=batch: model(**batch).loss, backward, batch)
+        losses.append(loss / ACCUM if divide else loss)
+        if (i + 1) % ACCUM == 0:
+            optimizer.step()
+            model.zero_grad()
+    return losses
+
+
+# ------------------------------------------------------------ transformers.Trainer
+
+
+def training_args(tmp_path, **overrides):
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        per_device_train_batch_size=MICRO,
+        gradient_accumulation_steps=ACCUM,
+        max_steps=STEPS,
+        optim="sgd",
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,  # no clipping
+        train_sampling_strategy="sequential",
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def adversarial_trainer(model: nn.Module, adversary: object, tmp_path, divide: bool | None = None, **overrides):
+    """An AdversarialTrainer on Examples; ``divide`` sets loss_is_scaled_for_ga = not divide (None: Trainer's rule)."""
+    from fastadv.integrations.hf import AdversarialTrainer
+
+    class Scaled(AdversarialTrainer):
+        loss_is_scaled_for_ga = None if divide is None else not divide
+
+    return Scaled(adversary=adversary, model=model, args=training_args(tmp_path, **overrides), train_dataset=Examples())
+
+
+@pytest.mark.parametrize("divide", [None, True], ids=["trainer-rule", "divided-by-accum"])
+def test_trainer_with_fgm_trains_to_the_hand_loops_weights(tmp_path, divide):
+    model, reference = bert(), bert()
+    initial = flat(model)
+    trainer = adversarial_trainer(model, FGM(model), tmp_path, divide=divide)
+    if divide is None:
+        # What Trainer does for BertForSequenceClassification: its forward takes **kwargs, so Trainer passes
+        # num_items_in_batch and counts the loss as normalized, but BERT takes the mean over its micro-batch: no
+        # division by the accumulation steps.
+        assert trainer.model_accepts_loss_kwargs
+    result = trainer.train()
+    assert trainer.state.global_step == STEPS
+
+    losses = hand_loop(reference, step_with(FGM(reference)), divide=bool(divide))
+    assert_same_training(model, reference, initial, "AdversarialTrainer + FGM against the hand loop")
+    # Trainer logs the mean over optimizer steps of the losses training_step returned.
+    want = torch.stack(losses).sum().item() / STEPS
+    assert result.training_loss == pytest.approx(want, rel=1e-6)
+
+
+METHODS = {
+    "pgd": lambda model: PGD(model, epsilon=1.0, alpha=0.3, steps=2),
+    "freelb": lambda model: FreeLB(model, adv_lr=0.3, adv_steps=2),
+    "gradient-penalty": lambda model: GradientPenalty(model, epsilon=0.5),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_trainer_with_other_methods_trains_to_the_hand_loops_weights(tmp_path, method):
+    model, reference, plain = bert(), bert(), bert()
+    initial = flat(model)
+    adversary = METHODS[method](model)
+    masks = []
+    if isinstance(adversary, FreeLB):  # the batch's attention mask must reach FreeLB.step
+        step = adversary.step
+
+        def spy(closure, backward=None, attention_mask=None):
+            masks.append(attention_mask)
+            return step(closure, backward=backward, attention_mask=attention_mask)
+
+        adversary.step = spy
+    adversarial_trainer(model, adversary, tmp_path).train()
+
+    hand_loop(reference, step_with(METHODS[method](reference)), divide=False)
+    assert_same_training(model, reference, initial, f"AdversarialTrainer + {method} against the hand loop")
+    hand_loop(plain, step_with(None), divide=False)
+    applied = relative_difference(flat(model) - initial, flat(plain) - initial)
+    assert applied > 1e-2, f"{method} changed the updates by only {applied:.3g} against plain training"
+    if isinstance(adversary, FreeLB):
+        assert len(masks) == ACCUM * STEPS
+        for got, batch in zip(masks, micro_batches(), strict=True):
+            assert got is not None and torch.equal(got, batch["attention_mask"])
+
+
+def test_trainer_bf16_runs_the_adversarial_pass_under_autocast(tmp_path):
+    model = bert()
+    initial = flat(model)
+    dtypes = []
+    model.classifier.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    adversarial_trainer(model, FGM(model), tmp_path, bf16=True).train()
+    assert dtypes == [torch.bfloat16] * (2 * ACCUM * STEPS), f"want 2 bf16 passes per micro-batch, got {dtypes}"
+    weights = flat(model)
+    assert torch.isfinite(weights).all()
+    assert relative_difference(weights, initial) > 1e-4
+
+
+def test_trainer_sends_every_pass_through_the_grad_scaler(tmp_path):
+    # fp16 on CUDA backpropagates through the accelerator's GradScaler. accelerate makes none on CPU (fp16 there
+    # trains in fp32), so this test installs a CPU GradScaler by hand: a power-of-two scale unscales exactly, so
+    # the weights match the unscaled hand loop only if every backward was scaled once.
+    model, reference = bert(), bert()
+    initial = flat(model)
+    trainer = adversarial_trainer(model, FGM(model), tmp_path)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    scaled = []
+    scale = scaler.scale
+    scaler.scale = lambda outputs: scaled.append(1) or scale(outputs)
+    trainer.accelerator.scaler = scaler  # before train(): Trainer's optimizer is prepared with it there
+    trainer.train()
+    assert len(scaled) == 2 * ACCUM * STEPS, "every clean and adversarial backward goes through the scaler"
+    assert scaler.get_scale() == 2.0**12, "no step was skipped for an overflow"
+
+    hand_loop(reference, step_with(FGM(reference)), divide=False)
+    assert_same_training(model, reference, initial, "AdversarialTrainer + GradScaler against the unscaled hand loop")
+
+
+def test_trainer_refuses_a_missing_adversary_or_one_on_another_model(tmp_path):
+    from fastadv.integrations.hf import AdversarialTrainer
+
+    model = bert()
+    with pytest.raises(TypeError, match="needs adversary="):
+        AdversarialTrainer(model=model, args=training_args(tmp_path))
+    with pytest.raises(TypeError, match="FGM, PGD, FreeLB or GradientPenalty, found Adam"):
+        AdversarialTrainer(adversary=torch.optim.Adam(model.parameters()), model=model, args=training_args(tmp_path))
+    with pytest.raises(ValueError, match="not the model this Trainer trains"):
+        AdversarialTrainer(adversary=FGM(bert()), model=model, args=training_args(tmp_path))
+
+
+# ------------------------------------------------------------ accelerate
+
+
+def test_accelerate_loop_matches_the_plain_loop():
+    from accelerate import Accelerator
+
+    model, reference = bert(), bert()
+    initial = flat(model)
+    fgm = FGM(model)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUM)
+    loader = torch.utils.data.DataLoader(Examples(), batch_size=MICRO, shuffle=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model.train()
+    micro = 0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            fgm.step(lambda batch=batch: model(**batch).loss, backward=accelerator.backward)
+            optimizer.step()  # applied, and zero_grad, only at the accumulation boundary
+            optimizer.zero_grad()
+        micro += 1
+    assert micro == ACCUM * STEPS
+
+    hand_loop(reference, step_with(FGM(reference)), divide=True)  # accelerator.backward divides by ACCUM
+    update = relative_difference(flat(model) - initial, flat(reference) - initial)
+    assert update <= 1e-6, f"accelerate loop against the plain loop: updates differ by {update:.3g}"
+
+
+# ------------------------------------------------------------ Lightning
+
+
+def test_lightning_manual_optimization_matches_the_plain_loop():
+    import lightning
+
+    from fastadv.integrations.lightning import adversarial_training_step
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.model = model
+            self.fgm = FGM(model)
+            self.losses: list[torch.Tensor] = []
+
+        def training_step(self, batch, batch_idx):
+            loss = adversarial_training_step(self, self.fgm, lambda: self.model(**batch).loss)
+            self.losses.append(loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.parameters(), lr=LR)
+
+    model, reference = bert(), bert()
+    initial = flat(model)
+    module = Classifier(model)
+    trainer = lightning.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = torch.utils.data.DataLoader(Examples(), batch_size=MICRO, shuffle=False)
+    trainer.fit(module, loader)
+    assert trainer.global_step == STEPS and len(module.losses) == STEPS
+
+    # The plain loop: one optimizer step per micro-batch, as the module does.
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    fgm = FGM(reference)
+    reference.train()
+    for batch, logged in zip(micro_batches()[:STEPS], module.losses, strict=True):
+        optimizer.zero_grad()
+        loss = fgm.step(lambda batch=batch: reference(**batch).loss)
+        optimizer.step()
+        assert logged.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert_same_training(model, reference, initial, "Lightning + adversarial_training_step against the plain loop")
+
+
+def test_lightning_helper_refuses_automatic_optimization_and_a_stray_mask():
+    import lightning
+
+    from fastadv.integrations.lightning import adversarial_training_step
+
+    model = bert()
+    module = lightning.LightningModule()
+    batch = micro_batches()[0]
+    with pytest.raises(RuntimeError, match="automatic_optimization = False"):
+        adversarial_training_step(module, FGM(model), lambda: model(**batch).loss)
+    module.automatic_optimization = False
+    with pytest.raises(ValueError, match="attention_mask= is FreeLB's"):
+        adversarial_training_step(module, FGM(model), lambda: model(**batch).loss, attention_mask=batch["input_ids"])
+
+
+# ------------------------------------------------------------ imports
+
+
+def test_import_fastadv_imports_no_training_engine():
+    code = (
+        "import sys, fastadv, fastadv.integrations, fastadv.integrations.lightning\n"
+        "engines = {'transformers', 'accelerate', 'lightning', 'pytorch_lightning'}\n"
+        "loaded = sorted(engines & {name.split('.')[0] for name in sys.modules})\n"
+        "assert not loaded, f'import fastadv imported {loaded}'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
