@@ -128,15 +128,33 @@ def rows_l2_norm(grad: torch.Tensor, row_set: RowSet, backend: Backend | None = 
     backend = backend or resolve_backend(grad.device)
     if backend == "torch" or len(row_set) == 0:
         return rows_l2_norm_reference(grad, row_set)
-    block_n, block_d = row_block_sizes(grad.shape[1])
-    grid = (_cdiv(len(row_set), block_n),)
-    partial = torch.empty(grid[0], dtype=torch.float32, device=grad.device)
-    kernels().rows_sum_of_squares_kernel[grid](
-        grad, row_set.grad_rows, _first_as_uint8(row_set), partial,
-        len(row_set), grad.shape[1], grad.stride(0), grad.stride(1),
-        HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
+    partial = _rows_sum_of_squares(grad, row_set.grad_rows, _first_as_uint8(row_set), row_set.first is not None)
     return partial.sum().sqrt()
+
+
+# The Triton launches are torch.library custom ops: torch.compile sees each as one opaque op (no
+# graph break in the caller's graph), and its fake implementation gives the output's shape.
+
+
+@torch.library.custom_op("fastadv::rows_sum_of_squares", mutates_args=())
+def _rows_sum_of_squares(
+    grad: torch.Tensor, grad_rows: torch.Tensor, first: torch.Tensor, has_first: bool
+) -> torch.Tensor:
+    """fp32 [programs]: one partial sum of squares of the slots' gradient rows per program."""
+    n, d = grad_rows.numel(), grad.shape[1]
+    block_n, block_d = row_block_sizes(d)
+    partial = torch.empty(_cdiv(n, block_n), dtype=torch.float32, device=grad.device)
+    kernels().rows_sum_of_squares_kernel[(partial.numel(),)](
+        grad, grad_rows, first, partial, n, d, grad.stride(0), grad.stride(1),
+        HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    return partial
+
+
+@_rows_sum_of_squares.register_fake
+def _(grad: torch.Tensor, grad_rows: torch.Tensor, first: torch.Tensor, has_first: bool) -> torch.Tensor:
+    block_n, _ = row_block_sizes(grad.shape[1])
+    return grad.new_empty(_cdiv(grad_rows.numel(), block_n), dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- backup + scaled add
@@ -188,7 +206,7 @@ def rows_backup_add(
 
     Returns:
         The saved rows, [N, D] contiguous in weight's dtype, for :func:`rows_restore`. With
-        first-occurrence flags, only the flagged slots are written.
+        first-occurrence flags, the kernel saves only the flagged slots (the others hold zeros).
     """
     _check_2d("weight", weight)
     _check_2d("grad", grad)
@@ -197,19 +215,43 @@ def rows_backup_add(
     backend = backend or resolve_backend(weight.device)
     if backend == "torch":
         return rows_backup_add_reference(weight, grad, row_set, norm, ok, epsilon, sign)
-    n, d = len(row_set), weight.shape[1]
-    backup = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
-    if n == 0:
-        return backup
+    if len(row_set) == 0:
+        return weight.new_empty((0, weight.shape[1]))
+    return _rows_backup_add(
+        weight, grad, row_set.rows, row_set.grad_rows, _first_as_uint8(row_set), row_set.first is not None,
+        norm.reshape(1).to(torch.float32), ok.reshape(1).to(torch.uint8), float(epsilon), sign,
+    )  # fmt: skip
+
+
+@torch.library.custom_op("fastadv::rows_backup_add", mutates_args=("weight",))
+def _rows_backup_add(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    first: torch.Tensor,
+    has_first: bool,
+    norm: torch.Tensor,
+    ok: torch.Tensor,
+    epsilon: float,
+    sign: bool,
+) -> torch.Tensor:
+    """Saves the slots' rows ([N, D], returned) and adds the perturbation to ``weight`` in place."""
+    n, d = rows.numel(), weight.shape[1]
+    # Zeroed: a duplicate slot's row is not written, and an op's output must not depend on stale memory.
+    backup = torch.zeros((n, d), dtype=weight.dtype, device=weight.device)
     block_n, block_d = row_block_sizes(d)
-    grid = (_cdiv(n, block_n),)
-    kernels().rows_backup_add_kernel[grid](
-        weight, grad, backup, row_set.rows, row_set.grad_rows, _first_as_uint8(row_set),
-        norm.reshape(1).to(torch.float32), ok.reshape(1).to(torch.uint8), float(epsilon),
+    kernels().rows_backup_add_kernel[(_cdiv(n, block_n),)](
+        weight, grad, backup, rows, grad_rows, first, norm, ok, epsilon,
         n, d, weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1),
-        SIGN=sign, HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        SIGN=sign, HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
     return backup
+
+
+@_rows_backup_add.register_fake
+def _(weight: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor, *args: object) -> torch.Tensor:
+    return weight.new_empty((rows.numel(), weight.shape[1]))
 
 
 # ---------------------------------------------------------------- restore
@@ -227,15 +269,27 @@ def rows_restore(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet, ba
     if backend == "torch":
         rows_restore_reference(weight, backup, row_set)
         return
-    n, d = len(row_set), weight.shape[1]
-    if n == 0:
+    if len(row_set) == 0:
         return
+    _rows_restore(weight, backup, row_set.rows, _first_as_uint8(row_set), row_set.first is not None)
+
+
+@torch.library.custom_op("fastadv::rows_restore", mutates_args=("weight",))
+def _rows_restore(
+    weight: torch.Tensor, backup: torch.Tensor, rows: torch.Tensor, first: torch.Tensor, has_first: bool
+) -> None:
+    """Copies ``backup`` ([N, D]) into the slots' rows of ``weight``."""
+    n, d = rows.numel(), weight.shape[1]
     block_n, block_d = row_block_sizes(d)
     kernels().rows_restore_kernel[(_cdiv(n, block_n),)](
-        weight, backup, row_set.rows, _first_as_uint8(row_set),
-        n, d, weight.stride(0), weight.stride(1),
-        HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        weight, backup, rows, first, n, d, weight.stride(0), weight.stride(1),
+        HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
+
+
+@_rows_restore.register_fake
+def _(*args: object) -> None:
+    return None
 
 
 # ---------------------------------------------------------------- PGD: ascent + projection
@@ -305,28 +359,53 @@ def rows_pgd_step(
     if backend == "torch":
         return rows_pgd_step_reference(weight, grad, row_set, backup, norm, ok, alpha, epsilon)
     save_backup = backup is None
-    if save_backup:
-        backup = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
+    if save_backup:  # zeroed, as in rows_backup_add: duplicate slots are not written
+        backup = torch.zeros((n, d), dtype=weight.dtype, device=weight.device)
     if n == 0:
         return backup
+    _rows_pgd_step(
+        weight, grad, backup, row_set.rows, row_set.grad_rows, _first_as_uint8(row_set), row_set.first is not None,
+        save_backup, norm.reshape(1).to(torch.float32), ok.reshape(1).to(torch.uint8), float(alpha), float(epsilon),
+    )  # fmt: skip
+    return backup
+
+
+@torch.library.custom_op("fastadv::rows_pgd_step", mutates_args=("weight", "backup"))
+def _rows_pgd_step(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    backup: torch.Tensor,
+    rows: torch.Tensor,
+    grad_rows: torch.Tensor,
+    first: torch.Tensor,
+    has_first: bool,
+    save_backup: bool,
+    norm: torch.Tensor,
+    ok: torch.Tensor,
+    alpha: float,
+    epsilon: float,
+) -> None:
+    """Ascent (filling ``backup`` first when ``save_backup``), then projection, on the slots' rows of ``weight``."""
+    n, d = rows.numel(), weight.shape[1]
     block_n, block_d = row_block_sizes(d)
     grid = (_cdiv(n, block_n),)
     r = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
     partial = torch.empty(grid[0], dtype=torch.float32, device=weight.device)
-    first, ok_flag = _first_as_uint8(row_set), ok.reshape(1).to(torch.uint8)
     kernels().rows_pgd_ascent_kernel[grid](
-        weight, grad, backup, r, partial, row_set.rows, row_set.grad_rows, first,
-        norm.reshape(1).to(torch.float32), ok_flag, float(alpha),
+        weight, grad, backup, r, partial, rows, grad_rows, first, norm, ok, alpha,
         n, d, weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1),
-        SAVE_BACKUP=save_backup, HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        SAVE_BACKUP=save_backup, HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
     r_norm = partial.sum().sqrt().reshape(1)
     kernels().rows_pgd_project_kernel[grid](
-        weight, backup, r, row_set.rows, first, r_norm, ok_flag, float(epsilon),
-        n, d, weight.stride(0), weight.stride(1),
-        HAS_FIRST=row_set.first is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+        weight, backup, r, rows, first, r_norm, ok, epsilon, n, d, weight.stride(0), weight.stride(1),
+        HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
     )  # fmt: skip
-    return backup
+
+
+@_rows_pgd_step.register_fake
+def _(*args: object) -> None:
+    return None
 
 
 # ---------------------------------------------------------------- re-addressing gradient rows

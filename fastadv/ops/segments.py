@@ -69,15 +69,28 @@ def segment_sum_by_id(
         return segment_sum_by_id_reference(values, ids, static_shape)
     flat = ids.reshape(-1).to(torch.int64)
     sorted_ids, order, first = _sorted_segments(flat)
-    n, d = flat.numel(), values.shape[1]
+    n = flat.numel()
     slots = torch.arange(n, device=values.device)
     # One past each segment's last slot: the next first slot after it (or N), by a reversed cummin.
     next_first = torch.where(first, slots, n)[1:].flip(0).cummin(dim=0).values.flip(0)
     seg_end = torch.cat([next_first, torch.full((1,), n, device=values.device, dtype=torch.int64)])
+    sums = _segment_sum(values, order, seg_end, first.view(torch.uint8))
+    return RowSet(sorted_ids, slots, first), sums
+
+
+# A torch.library custom op (see fastadv.ops.rows): one opaque op to torch.compile, shaped by its fake.
+@torch.library.custom_op("fastadv::segment_sum", mutates_args=())
+def _segment_sum(values: torch.Tensor, order: torch.Tensor, seg_end: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, D]: on each first slot, the sum of its segment's rows of ``values`` (0 elsewhere)."""
+    n, d = order.numel(), values.shape[1]
     sums = torch.zeros(n, d, dtype=torch.float32, device=values.device)
     _, block_d = row_block_sizes(d)
     kernels().segment_sum_kernel[(n, -(-d // block_d))](
-        values, order, seg_end, first.view(torch.uint8), sums,
-        n, d, values.stride(0), values.stride(1), BLOCK_D=block_d,
+        values, order, seg_end, first, sums, n, d, values.stride(0), values.stride(1), BLOCK_D=block_d,
     )  # fmt: skip
-    return RowSet(sorted_ids, slots, first), sums
+    return sums
+
+
+@_segment_sum.register_fake
+def _(values: torch.Tensor, order: torch.Tensor, seg_end: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    return values.new_empty((order.numel(), values.shape[1]), dtype=torch.float32)
