@@ -14,41 +14,22 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from transformers import BertConfig, BertForSequenceClassification
+from common import synthetic_batches, tiny_bert_classifier
 
 from fastadv import FGM
 
-VOCAB, SEQ, BATCH, STEPS = 1000, 16, 8, 60
-
-
-def synthetic_batches(count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """Random token ids, label 0 from the lower half of the vocabulary, label 1 from the upper half."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(count):
-        labels = torch.randint(0, 2, (BATCH,), generator=gen)
-        ids = torch.randint(1, VOCAB // 2, (BATCH, SEQ), generator=gen) + labels[:, None] * (VOCAB // 2)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    return batches
+BATCH, STEPS = 8, 60
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=SEQ,
-        num_labels=2,
-    )
-    model = BertForSequenceClassification(config)
-    fgm = FGM(model, epsilon=0.3)  # before prepare(), on the model itself (prepare may wrap it in DDP)
+    model = tiny_bert_classifier()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     accelerator = Accelerator(gradient_accumulation_steps=2)
-    loader = torch.utils.data.DataLoader(synthetic_batches(2 * STEPS), batch_size=None)
+    loader = torch.utils.data.DataLoader(synthetic_batches(2 * STEPS, BATCH), batch_size=None)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # After prepare(): with several processes the model is DDP-wrapped, and FGM then perturbs the rows
+    # of every rank's batch (an FGM built earlier can be told with fgm.bind_data_parallel(model)).
+    fgm = FGM(model, epsilon=0.3)
 
     model.train()
     losses = []

@@ -14,43 +14,29 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from common import synthetic_batches, tiny_bert_classifier
+from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
 from fastadv import FGM
 from fastadv.integrations.hf import AdversarialTrainer
 
-VOCAB, SEQ = 1000, 16
-
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Random token ids, label 0 from the lower half of the vocabulary, label 1 from the upper half."""
+    """The examples' synthetic task (see common.py), one example per item."""
 
     def __init__(self, size: int, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, 2, (size,), generator=gen)
-        self.ids = torch.randint(1, VOCAB // 2, (size, SEQ), generator=gen) + self.labels[:, None] * (VOCAB // 2)
+        (self.batch,) = synthetic_batches(1, size, seed)
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.batch["labels"])
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        mask = torch.ones(SEQ, dtype=torch.long)
-        return {"input_ids": self.ids[i], "attention_mask": mask, "labels": self.labels[i]}
+        return {key: value[i] for key, value in self.batch.items()}
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=SEQ,
-        num_labels=2,
-    )
-    model = BertForSequenceClassification(config)
+    model = tiny_bert_classifier()
     fgm = FGM(model, epsilon=0.3)  # on the object passed as model=, before training
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(

@@ -118,5 +118,6 @@ def warn_if_unwrapped_data_parallel(group: object | None) -> str | None:
     return (
         "torch.distributed is initialized, but the model given to fastadv is not wrapped in "
         "DistributedDataParallel, so each rank perturbs the rows of its own batch only. If gradients are "
-        "averaged across ranks, pass the DDP-wrapped model, so the rows of every rank's batch are perturbed."
+        "averaged across ranks, build it on the DDP-wrapped model, or call bind_data_parallel(ddp_model), so "
+        "the rows of every rank's batch are perturbed."
     )

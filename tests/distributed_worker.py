@@ -58,6 +58,9 @@ def worker(rank: int, world: int, init_file: str, engine: str, method: str, out:
         from fastadv import FGM, PGD
 
         model = tiny_bert()
+        bound_later = "_bound" in method  # built on the bare model, told of DDP after wrapping (as Trainer does)
+        if bound_later:
+            adversary = FGM(model)
         if engine == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -70,10 +73,13 @@ def worker(rank: int, world: int, init_file: str, engine: str, method: str, out:
             for layer in model.bert.encoder.layer:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
-        adversary = FGM(model) if method.startswith("fgm") else PGD(model, 0.05, 0.03)
+        if bound_later:
+            adversary.bind_data_parallel(model)
+        else:
+            adversary = FGM(model) if method.startswith("fgm") else PGD(model, 0.05, 0.03)
         share = lambda t: t.chunk(world)[rank]  # noqa: E731
         data = [(share(ids), share(labels)) for ids, labels in batches(3, batch=4)]
-        train(model, adversary, data, method.removeprefix("fgm_").removeprefix("pgd_"))
+        train(model, adversary, data, method.removeprefix("fgm_").removeprefix("pgd_").removeprefix("bound_"))
         state = full_state(model)
         if rank == 0:
             torch.save(state, out)

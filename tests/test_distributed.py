@@ -17,7 +17,8 @@ WORLD = 2
 def single_process_state(method: str) -> dict[str, torch.Tensor]:
     model = tiny_bert()
     adversary = FGM(model) if method.startswith("fgm") else PGD(model, 0.05, 0.03)
-    steps_on = method.removeprefix("fgm_").removeprefix("pgd_").removesuffix("_no_sync")  # no_sync: DDP only
+    # no_sync and binding a DDP wrapper exist under DDP only
+    steps_on = method.removeprefix("fgm_").removeprefix("pgd_").removeprefix("bound_").removesuffix("_no_sync")
     train(model, adversary, batches(3, batch=4), steps_on)
     return full_state(model)
 
@@ -28,6 +29,7 @@ def single_process_state(method: str) -> dict[str, torch.Tensor]:
         ("ddp", "fgm_calls"),
         ("ddp", "fgm_step"),
         ("ddp", "fgm_step_no_sync"),
+        ("ddp", "fgm_bound_step"),
         ("ddp", "pgd_calls"),
         ("ddp", "pgd_step"),
         ("fsdp2", "fgm_calls"),

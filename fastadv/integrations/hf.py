@@ -112,6 +112,9 @@ class AdversarialTrainer(Trainer):
             num_items_in_batch: passed to ``compute_loss`` as Trainer passes it.
         """
         self._check_adversary_model()
+        bind = getattr(self.adversary, "bind_data_parallel", None)
+        if bind is not None:  # Trainer wraps the model in DDP after the adversary was built on it
+            bind(model)
         cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
         with cp_context():
             model.train()

@@ -36,9 +36,7 @@ class EmbeddingAttack:
         self.backend: Backend | None = None  # the backend of the last attack()
         self._ddp = data_parallel_wrapper(model)
         self._group = None if self._ddp is None else self._ddp.process_group
-        unwrapped = warn_if_unwrapped_data_parallel(self._group)
-        if unwrapped is not None:
-            warnings.warn(unwrapped, FastAdvWarning, stacklevel=3)
+        self._warned_unwrapped = False
         self._recorders = attach_recorders(model)
         self._outputs: dict[int, OutputTarget] = {}  # one output hook per module, made on demand
         self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
@@ -57,6 +55,18 @@ class EmbeddingAttack:
         """Detach the hooks from the model now (done anyway when this object is collected)."""
         self._detach()
         self._targets_by_name.clear()
+
+    def bind_data_parallel(self, model: nn.Module) -> None:
+        """Use the DistributedDataParallel wrapper of ``model``, made after this object was built (by a
+        Trainer or ``accelerator.prepare``): the rows of every rank's batch are then perturbed, as when
+        the wrapper is given at construction. A model with no DDP wrapper changes nothing."""
+        wrapper = data_parallel_wrapper(model)
+        if wrapper is None or wrapper is self._ddp:
+            return
+        if self._attacked is not None:
+            raise AttackStateError("bind_data_parallel() called during an attack: call restore() first.")
+        self._ddp, self._group = wrapper, wrapper.process_group
+        self._targets_by_name.clear()  # weight targets hold the group
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put back, bit for bit, the rows the attack changed (output mode: stop adding the delta).
@@ -93,6 +103,9 @@ class EmbeddingAttack:
         self, targets: list[Target], lookups: dict[int, list] | None = None, average_over_ranks: bool = False
     ) -> torch.Tensor:
         """Prepare every target (from ``.grad``, the captured dL/de, or ``lookups`` by target id); their norms."""
+        if not self._warned_unwrapped and (message := warn_if_unwrapped_data_parallel(self._group)) is not None:
+            self._warned_unwrapped = True
+            warnings.warn(message, FastAdvWarning, stacklevel=4)
         backend = resolve_backend(targets[0].param.device)
         for target in targets:
             target.prepare(backend, None if lookups is None else lookups[id(target)], average_over_ranks)
