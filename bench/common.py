@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fastadv.benchmarking import median_seconds
+from fastadv.benchmarking import device_description, environment, median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = [
@@ -33,6 +33,13 @@ COLUMNS = [
     "extra_memory_bytes",
     "notes",
 ]
+
+
+def provenance(device: torch.device) -> dict[str, str]:
+    """The columns every result row starts with: date, device (in words and its type) and versions."""
+    env = environment()
+    base = {"date": env["date"], "device": device_description(device), "device_type": device.type}
+    return base | {k: env[k] for k in ("torch", "triton", "python")}
 
 
 def log(msg: str) -> None:

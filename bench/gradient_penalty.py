@@ -17,11 +17,11 @@ import argparse
 import copy
 
 import torch
-from common import RESULTS, append_rows, fastadv_revision, interleaved_medians, load_average, load_note, log
+from common import RESULTS, append_rows, fastadv_revision, interleaved_medians, load_average, load_note, log, provenance
 from transformers import BertConfig, BertForSequenceClassification
 
 from fastadv import GradientPenalty
-from fastadv.benchmarking import device_description, environment, extra_memory_bytes
+from fastadv.benchmarking import device_description, extra_memory_bytes
 
 CSV_PATH = RESULTS / "gradient_penalty.csv"
 EPSILON = 0.01
@@ -105,15 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         log("quick run: nothing written")
         return
-    env = environment()
     rows = [
-        {
-            "date": env["date"],
-            "device": desc,
-            "device_type": device.type,
-            "torch": env["torch"],
-            "triton": env["triton"],
-            "python": env["python"],
+        provenance(device)
+        | {
             "benchmark": "gradient_penalty_step",
             "vocab": args.vocab,
             "dim": hidden,

@@ -20,11 +20,11 @@ import argparse
 import copy
 
 import torch
-from common import RESULTS, append_rows, fastadv_revision, interleaved_medians, load_average, load_note, log
+from common import RESULTS, append_rows, fastadv_revision, interleaved_medians, load_average, load_note, log, provenance
 from transformers import BertConfig, BertForSequenceClassification
 
 from fastadv import PGD
-from fastadv.benchmarking import GradientCopies, device_description, environment, peak_memory_bytes
+from fastadv.benchmarking import GradientCopies, device_description, peak_memory_bytes
 from fastadv.snippets import SnippetPGD
 
 CSV_PATH = RESULTS / "pgd.csv"
@@ -143,15 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         log("quick run: nothing written")
         return
-    env = environment()
     rows = [
-        {
-            "date": env["date"],
-            "device": desc,
-            "device_type": device.type,
-            "torch": env["torch"],
-            "triton": env["triton"],
-            "python": env["python"],
+        provenance(device)
+        | {
             "benchmark": "pgd_step",
             "vocab": args.vocab,
             "dim": hidden,

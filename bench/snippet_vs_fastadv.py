@@ -41,6 +41,7 @@ from common import (
     load_average,
     load_note,
     log,
+    provenance,
     release,
 )
 from fgm_cases import BATCH, EPSILON, SEQ, make_attack_case
@@ -327,8 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{' (skipped)' if args.skip_train else ''}; FASTADV_BACKEND={os.environ.get('FASTADV_BACKEND', 'auto')}"
     )
     start = time.perf_counter()
-    base = {"date": env["date"], "device": desc, "device_type": device.type}
-    base |= {k: env[k] for k in ("torch", "triton", "python")}
+    base = provenance(device)
     rows: list[dict] = []
     attack: list[dict] = []
     for vocab in args.vocab:
