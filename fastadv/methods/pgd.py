@@ -78,6 +78,7 @@ class PGD(EmbeddingAttack):
         self.steps = steps
         self._warn_if_alpha_exceeds(self.epsilon, self.alpha)
         self._grad_backup: dict[str, torch.Tensor | None] | None = None
+        self._step_recorders: tuple[list[Target], dict[int, list[EmbeddingOutputs]]] | None = None
         self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
 
     def __repr__(self) -> str:
@@ -207,7 +208,10 @@ class PGD(EmbeddingAttack):
         self._attacked = targets
 
     def _lookup_recorders(self, targets: list[Target]) -> dict[int, list[EmbeddingOutputs]]:
-        """The lookup recorders of each target's embedding modules, by target id (made on first use)."""
+        """The lookup recorders of each target's embedding modules, by target id (made on first use,
+        then kept for as long as the targets are: step() runs every training step)."""
+        if self._step_recorders is not None and self._step_recorders[0] is targets:
+            return self._step_recorders[1]
         recorders = {}
         for target in targets:
             if isinstance(target, WeightTarget) and target.recorder is None:
@@ -221,6 +225,7 @@ class PGD(EmbeddingAttack):
                 if id(module) not in self._lookups:
                     self._lookups[id(module)] = EmbeddingOutputs(target.name, module)
             recorders[id(target)] = [self._lookups[id(m)] for m in modules]
+        self._step_recorders = (targets, recorders)
         return recorders
 
     def _modules_of(self, weight: nn.Parameter) -> list[nn.Embedding]:
