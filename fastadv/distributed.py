@@ -83,6 +83,15 @@ def row_shard(param: torch.Tensor) -> RowShard | None:
     return RowShard(mesh.get_group(), start, rows)
 
 
+def data_parallel_group_of_shard(param: torch.Tensor) -> object | None:
+    """The group of an FSDP2 parameter sharded by rows (its ranks train on different batches), else None."""
+    try:
+        shard = row_shard(param)
+    except ValueError:
+        return None
+    return None if shard is None else shard.group
+
+
 def gather_ids(ids: torch.Tensor, group: object) -> torch.Tensor:
     """Every rank's token ids, concatenated in rank order (1-D int64). Ranks may hold different counts.
 
@@ -121,3 +130,22 @@ def warn_if_unwrapped_data_parallel(group: object | None) -> str | None:
         "averaged across ranks, build it on the DDP-wrapped model, or call bind_data_parallel(ddp_model), so "
         "the rows of every rank's batch are perturbed."
     )
+
+
+def average_rows_over_ranks(
+    ids: torch.Tensor, grad: torch.Tensor, grad_set: object, group: object
+) -> tuple[torch.Tensor, object]:
+    """This rank's per-id gradient rows averaged over ``group``, on the rows of every rank's ids.
+
+    Args:
+        ids: this rank's token ids (any shape); grad: [N, d] addressed by ``grad_set`` (a RowSet).
+
+    Returns:
+        (rows [M, d], RowSet of M slots): the same row set on every rank, the rows summed over the
+        ranks and divided by their number (each rank's gradient is of its own mean loss).
+    """
+    from .ops import gather_rows, row_set_from_ids
+
+    rows = row_set_from_ids(gather_ids(ids, group)).as_slots()  # the same on every rank: the all-reduce lines up
+    world = torch.distributed.get_world_size(group)
+    return all_reduce_sum(gather_rows(grad, grad_set, rows.rows), group).div_(world), rows

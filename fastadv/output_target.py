@@ -8,6 +8,9 @@ gradient accumulation (it uses the current micro-batch's dL/de, never the accumu
   that id, which is the lookup's weight gradient; wherever weight mode is valid, the two modes
   perturb the forward pass identically.
 - share_rows=False: one delta per token position (B x T x d), normalized over the whole batch.
+
+Under DDP or FSDP2 (``group`` set) the per-id rows are averaged over the ranks, and the per-position
+norm is taken over every rank's positions: the perturbation one process on the whole batch makes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
+from .distributed import all_reduce_sum, average_rows_over_ranks
 from .errors import MissingGradientError
 from .ops import RowSet, gather_rows, rows_l2_norm, segment_sum_by_id
 from .ops.backend import Backend
@@ -40,6 +44,7 @@ class OutputTarget:
         self.param = module.weight  # identity and device only: never written
         self.share_rows = share_rows
         self.capture_perturbed = False
+        self.group: object | None = None  # data-parallel ranks whose gradients are averaged (DDP, FSDP2)
         self._captured: Lookups = []  # (ids, dL/de) per lookup
         self._capture_complete = False
         self._grad: torch.Tensor | None = None  # set by prepare(): the gradient rows
@@ -96,6 +101,9 @@ class OutputTarget:
                 "not reach the loss (or the fastadv object was created after the forward pass)."
             )
         grad_set, grad = gradient_rows(lookups, self.module.padding_idx, self.share_rows, backend, self.name)
+        if self.group is not None and self.share_rows:  # as one process on the whole batch would see it
+            ids = torch.cat([i.reshape(-1) for i, _ in lookups])
+            grad, grad_set = average_rows_over_ranks(ids, grad, grad_set, self.group)
         if self._rows is not None:
             grad, grad_set = gather_rows(grad, grad_set, self._rows.rows), self._rows.as_slots()
         elif not self.share_rows:
@@ -105,7 +113,11 @@ class OutputTarget:
     def gradient_norm(self, backend: Backend) -> torch.Tensor:
         """fp32 0-dim: the L2 norm of the weight-equivalent gradient (share_rows) or of dL/de."""
         assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        return rows_l2_norm(self._grad, self._grad_set, backend)
+        norm = rows_l2_norm(self._grad, self._grad_set, backend)
+        if self.group is None or self.share_rows:
+            return norm
+        # One delta per position: the norm over every rank's positions, as over the whole batch.
+        return all_reduce_sum(norm.square().reshape(1), self.group).sqrt().reshape(())
 
     def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
         """Arm the forward hook with delta = epsilon * g / norm (or epsilon * sign(g)); 0 when not ``ok``."""

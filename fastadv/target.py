@@ -15,7 +15,14 @@ from typing import Literal, Union
 import torch
 from torch import nn
 
-from .distributed import all_reduce_sum, gather_ids, row_shard, unwrap_data_parallel
+from .distributed import (
+    all_reduce_sum,
+    average_rows_over_ranks,
+    data_parallel_group_of_shard,
+    gather_ids,
+    row_shard,
+    unwrap_data_parallel,
+)
 from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
 from .ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore
 from .ops.backend import Backend
@@ -319,10 +326,8 @@ class WeightTarget:
     ) -> tuple[torch.Tensor, RowSet]:
         """This rank's per-id gradient rows averaged over the group, on the rows of every rank's ids
         (under FSDP2, then cut to this rank's shard, as local rows)."""
-        ids = gather_ids(torch.cat([i.reshape(-1) for i, _ in lookups]), self.group)
-        rows = row_set_from_ids(ids).as_slots()  # the same on every rank: the all-reduce lines up
-        world = torch.distributed.get_world_size(self.group)
-        summed = all_reduce_sum(gather_rows(grad, grad_set, rows.rows), self.group).div_(world)
+        ids = torch.cat([i.reshape(-1) for i, _ in lookups])
+        summed, rows = average_rows_over_ranks(ids, grad, grad_set, self.group)
         if self.shard is None:
             return summed, rows
         start, stop = self.shard.start, self.shard.start + self.shard.rows
@@ -419,6 +424,7 @@ def resolve_targets(
             module = table[1]
             if id(module) not in outputs:
                 outputs[id(module)] = OutputTarget(name, module, share_rows)
+            outputs[id(module)].group = group or data_parallel_group_of_shard(param)
             targets.append(outputs[id(module)])
         elif param.requires_grad or emb_name is None:
             targets.append(WeightTarget(name, param, _recorder_of_table(name, param, recorders), group))

@@ -40,6 +40,23 @@ def train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: floa
         opt.zero_grad()
 
 
+def make_adversary(model: torch.nn.Module, method: str):
+    """fgm_* / pgd_*; "_positions": output mode with one delta per token position."""
+    from fastadv import FGM, PGD
+
+    share_rows = "_positions" not in method
+    if method.startswith("fgm"):
+        return FGM(model, share_rows=share_rows)
+    return PGD(model, 0.05, 0.03, share_rows=share_rows)
+
+
+def schedule(method: str) -> str:
+    """How ``train`` drives the adversary: "calls" (the snippet's), "step", or "step_no_sync" (DDP only)."""
+    for word in ("fgm_", "pgd_", "bound_", "frozen_", "positions_"):
+        method = method.replace(word, "")
+    return method
+
+
 def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter whole (an FSDP2 shard gathered), keyed by its name without wrapper prefixes."""
     state = {}
@@ -55,9 +72,11 @@ def worker(rank: int, world: int, init_file: str, engine: str, method: str, out:
     try:
         from models import batches, tiny_bert
 
-        from fastadv import FGM, PGD
+        from fastadv import FGM
 
         model = tiny_bert()
+        if "_frozen" in method:  # as under LoRA/PEFT: fastadv perturbs the lookup's output
+            model.get_input_embeddings().weight.requires_grad_(False)
         bound_later = "_bound" in method  # built on the bare model, told of DDP after wrapping (as Trainer does)
         if bound_later:
             adversary = FGM(model)
@@ -76,10 +95,10 @@ def worker(rank: int, world: int, init_file: str, engine: str, method: str, out:
         if bound_later:
             adversary.bind_data_parallel(model)
         else:
-            adversary = FGM(model) if method.startswith("fgm") else PGD(model, 0.05, 0.03)
+            adversary = make_adversary(model, method)
         share = lambda t: t.chunk(world)[rank]  # noqa: E731
         data = [(share(ids), share(labels)) for ids, labels in batches(3, batch=4)]
-        train(model, adversary, data, method.removeprefix("fgm_").removeprefix("pgd_").removeprefix("bound_"))
+        train(model, adversary, data, schedule(method))
         state = full_state(model)
         if rank == 0:
             torch.save(state, out)

@@ -66,7 +66,7 @@ class EmbeddingAttack:
         if self._attacked is not None:
             raise AttackStateError("bind_data_parallel() called during an attack: call restore() first.")
         self._ddp, self._group = wrapper, wrapper.process_group
-        self._targets_by_name.clear()  # weight targets hold the group
+        self._targets_by_name.clear()  # targets take the group when they are resolved again
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put back, bit for bit, the rows the attack changed (output mode: stop adding the delta).
