@@ -76,3 +76,52 @@ def test_an_overflowing_fp16_step_is_skipped_and_never_nan(backend, method):
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
     if hasattr(adversary, "skipped_steps") and not isinstance(adversary, GradientPenalty):
         assert adversary.skipped_steps >= 1
+
+
+def test_scaler_keeps_the_dl_de_only_passes_from_underflowing(backend):
+    """Under fp16 autocast a tiny loss gives dL/de that underflows to 0 unless it is scaled like the backward."""
+    tiny = 2.0**-24  # the loss scaled down so far that fp16 activation gradients flush to zero
+
+    def pgd_displacements(scaler):
+        model = tiny_bert()
+        clean = model.get_input_embeddings().weight.detach().clone()
+        ids, labels = batches(1)[0]
+        moved = []
+
+        def closure():
+            moved.append((model.get_input_embeddings().weight - clean).norm().item())
+            with torch.autocast(DEVICE, dtype=torch.float16):
+                return bert_loss(model, ids, labels) * tiny
+
+        backward_scaler = torch.amp.GradScaler(DEVICE, init_scale=2.0**24)
+        PGD(model, epsilon=1.0, alpha=0.1).step(
+            closure, backward=lambda loss: backward_scaler.scale(loss).backward(), scaler=scaler
+        )
+        return moved  # per pass: clean, after attack 1, 2, 3
+
+    stuck = pgd_displacements(None)
+    assert stuck[1] == pytest.approx(0.1, rel=1e-4) and stuck[3] == pytest.approx(0.1, rel=1e-4), stuck
+    moving = pgd_displacements(torch.amp.GradScaler(DEVICE, init_scale=2.0**24))
+    assert moving[3] > 0.15, moving
+
+
+def test_scaler_gives_the_finite_difference_penalty_its_gradient(backend):
+    tiny = 2.0**-24
+
+    def penalty_delta(scaler):
+        model = tiny_bert()
+        ids, labels = batches(1)[0]
+        gp = GradientPenalty(model, epsilon=2.0**30)  # eps * dL/de of a tiny loss: a visible delta
+        outputs = []
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+
+        def closure():
+            with torch.autocast(DEVICE, dtype=torch.float16):
+                return bert_loss(model, ids, labels) * tiny
+
+        gp.step(closure, backward=lambda loss: (loss * 2.0**24).backward(), scaler=scaler)
+        hook.remove()
+        return (outputs[1] - outputs[0]).norm().item()
+
+    assert penalty_delta(None) == 0.0, "dL/de did not underflow: the test proves nothing"
+    assert penalty_delta(torch.amp.GradScaler(DEVICE, init_scale=2.0**24)) > 0

@@ -146,6 +146,9 @@ class AdversarialTrainer(Trainer):
                 self.accelerator.backward(scaled(loss))
 
             step_kwargs = {"attention_mask": inputs.get("attention_mask")} if isinstance(self.adversary, FreeLB) else {}
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None and isinstance(self.adversary, (PGD, GradientPenalty)):
+                step_kwargs["scaler"] = scaler  # their dL/de-only passes scale the loss too (fp16)
             loss = self.adversary.step(closure, backward=backward, **step_kwargs)
             return scaled(loss)
 

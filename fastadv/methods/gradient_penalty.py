@@ -66,12 +66,15 @@ class GradientPenalty:
         grads = self._output_gradients(loss, create_graph=True)
         return 0.5 * self.epsilon * sum(g.float().square().sum() for g in grads if g is not None)
 
-    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor:
+    def step(
+        self, closure: Closure, backward: BackwardFn | None = None, scaler: torch.amp.GradScaler | None = None
+    ) -> torch.Tensor:
         """The passes of one penalized training step; returns the clean loss, detached.
 
         closure() runs a forward pass and returns the loss; ``backward`` (default
         ``loss.backward()``) backpropagates, e.g. ``accelerator.backward``. The optimizer step
-        stays the caller's.
+        stays the caller's. ``scaler``: under fp16 autocast, the GradScaler; the finite-difference
+        clean pass then takes dL/de of the scaled loss (no underflow) and divides the scale out.
         """
         backward = backward or plain_backward
         for outputs in self._outputs:
@@ -89,7 +92,11 @@ class GradientPenalty:
                     ) from err
                 raise
             return loss.detach()
-        grads = self._output_gradients(loss, create_graph=False)
+        if scaler is None:
+            grads = self._output_gradients(loss, create_graph=False)
+        else:  # dL/de of the scaled loss, then the scale divided out, without reading it on the host
+            scale = scaler.scale(torch.ones((), device=loss.device))
+            grads = [g if g is None else g.div_(scale) for g in self._output_gradients(scaler.scale(loss), False)]
         present = [g for g in grads if g is not None]
         # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
         finite = torch.stack([torch.isfinite(g).all() for g in present]).all()

@@ -147,7 +147,9 @@ class PGD(EmbeddingAttack):
 
     # ------------------------------------------------------------ the fast step
 
-    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor:
+    def step(
+        self, closure: Closure, backward: BackwardFn | None = None, scaler: torch.amp.GradScaler | None = None
+    ) -> torch.Tensor:
         """One PGD training step's passes: clean backward, K attacks with K-1 dL/de-only passes, one
         full adversarial backward, restore.
 
@@ -156,6 +158,8 @@ class PGD(EmbeddingAttack):
             backward: how to backpropagate a loss (default ``loss.backward()``), e.g.
                 ``accelerator.backward``. The intermediate passes do not use it: they take dL/de with
                 ``torch.autograd.grad``, whose direction does not depend on loss scaling.
+            scaler: under fp16 autocast, the GradScaler: the intermediate passes then scale the loss
+                by it too, so small gradients do not underflow to zero (an overflow skips the step).
 
         Returns:
             The clean loss, detached. The gradient holds clean + adversarial (at the last attack), as
@@ -175,7 +179,7 @@ class PGD(EmbeddingAttack):
                 if t == self.steps - 1:
                     backward(check_loss(closure(), "closure()"))
                 else:
-                    gradients = self._output_gradients(targets, lookups, closure)
+                    gradients = self._output_gradients(targets, lookups, closure, scaler)
         finally:
             if self._attacked is not None:
                 self.restore()
@@ -232,7 +236,11 @@ class PGD(EmbeddingAttack):
         return [m for m in self.model.modules() if isinstance(m, nn.Embedding) and m.weight is weight]
 
     def _output_gradients(
-        self, targets: list[Target], lookups: dict[int, list[EmbeddingOutputs]], closure: Closure
+        self,
+        targets: list[Target],
+        lookups: dict[int, list[EmbeddingOutputs]],
+        closure: Closure,
+        scaler: torch.amp.GradScaler | None,
     ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
         """One perturbed pass; dL/de of every lookup of each target's modules, as (ids, dL/de) by target id."""
         recorders = {id(r): r for rs in lookups.values() for r in rs}
@@ -241,6 +249,8 @@ class PGD(EmbeddingAttack):
         # Under DDP the pass must not arm the gradient all-reduce: it computes no parameter gradient.
         with self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext():
             loss = check_loss(closure(), "closure()")
+            if scaler is not None:  # only the direction is used: the scale needs no undoing
+                loss = scaler.scale(loss)
             edges = [(id(r), ids, e) for r in recorders.values() for ids, e in zip(r.ids, r.edges, strict=True)]
             grads = torch.autograd.grad(loss, [e for _, _, e in edges], allow_unused=True) if edges else ()
         by_recorder: dict[int, list] = {key: [] for key in recorders}
