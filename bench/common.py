@@ -42,6 +42,41 @@ def provenance(device: torch.device) -> dict[str, str]:
     return base | {k: env[k] for k in ("torch", "triton", "python")}
 
 
+def bert_classifier(
+    vocab: int, hidden: int, layers: int, seq: int, device: torch.device, attention: str | None = None
+) -> torch.nn.Module:
+    """A random BertForSequenceClassification (2 labels, no dropout, seed 0); ``attention`` e.g. "eager"."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+        intermediate_size=4 * hidden, max_position_embeddings=seq, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, num_labels=2,
+    )  # fmt: skip
+    if attention is not None:
+        config._attn_implementation = attention
+    torch.manual_seed(0)
+    return BertForSequenceClassification(config).to(device)
+
+
+def parameter_gradients(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter gradient of ``model``, flattened into one fp64 vector."""
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+
+
+def result_rows(
+    device: torch.device, benchmark: str, shape: dict, times: dict[str, float], repeats: int,
+    memory: dict[str, int], notes: dict[str, str] | str,
+) -> list[dict]:  # fmt: skip
+    """One CSV row per implementation: provenance, ``shape`` (vocab, dim, batch), time, memory, notes."""
+    return [
+        provenance(device)
+        | {"benchmark": benchmark, **shape, "impl": name, "median_s": f"{seconds:.6g}", "repeats": repeats}
+        | {"extra_memory_bytes": memory[name], "notes": notes if isinstance(notes, str) else notes[name]}
+        for name, seconds in times.items()
+    ]
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

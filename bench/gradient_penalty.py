@@ -17,29 +17,24 @@ import argparse
 import copy
 
 import torch
-from common import RESULTS, append_rows, fastadv_revision, interleaved_medians, load_average, load_note, log, provenance
-from transformers import BertConfig, BertForSequenceClassification
+from common import (
+    RESULTS,
+    append_rows,
+    bert_classifier,
+    fastadv_revision,
+    interleaved_medians,
+    load_average,
+    load_note,
+    log,
+    parameter_gradients,
+    result_rows,
+)
 
 from fastadv import GradientPenalty
 from fastadv.benchmarking import device_description, extra_memory_bytes
 
 CSV_PATH = RESULTS / "gradient_penalty.csv"
 EPSILON = 0.01
-
-
-def make_model(vocab: int, hidden: int, layers: int, seq: int, device: torch.device) -> torch.nn.Module:
-    config = BertConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-        intermediate_size=4 * hidden, max_position_embeddings=seq, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=2,
-    )  # fmt: skip
-    config._attn_implementation = "eager"  # the exact mode needs a double backward
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).to(device)
-
-
-def gradients(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         hidden, args.layers, args.batch, args.seq, args.repeats = 64, 1, 4, 32, 2
 
     log(f"BERT {args.layers} layers, hidden {hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, {device}")
-    base = make_model(args.vocab, hidden, args.layers, args.seq, device)
+    base = bert_classifier(args.vocab, hidden, args.layers, args.seq, device, attention="eager")  # exact needs it
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
@@ -82,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     steps = {name: step(name) for name in models}
     for run in steps.values():
         run()
-    fd, exact, plain = (gradients(models[n]) for n in ("finite_difference", "exact", "plain"))
+    fd, exact, plain = (parameter_gradients(models[n]) for n in ("finite_difference", "exact", "plain"))
     cos = torch.nn.functional.cosine_similarity
     agreement = (
         f"cosine(fd, exact)={cos(fd, exact, 0).item():.6f}; penalty part {cos(fd - plain, exact - plain, 0).item():.6f}"
@@ -105,21 +100,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         log("quick run: nothing written")
         return
-    rows = [
-        provenance(device)
-        | {
-            "benchmark": "gradient_penalty_step",
-            "vocab": args.vocab,
-            "dim": hidden,
-            "batch": f"{args.batch}x{args.seq}",
-            "impl": name,
-            "median_s": f"{times[name]:.6g}",
-            "repeats": args.repeats,
-            "extra_memory_bytes": memory[name],
-            "notes": f"{args.layers} layers; {note}",
-        }
-        for name in steps
-    ]
+    shape = {"vocab": args.vocab, "dim": hidden, "batch": f"{args.batch}x{args.seq}"}
+    rows = result_rows(
+        device, "gradient_penalty_step", shape, times, args.repeats, memory, f"{args.layers} layers; {note}"
+    )
     append_rows(rows, CSV_PATH)
     log(f"appended {len(rows)} rows to {CSV_PATH}")
 

@@ -20,8 +20,18 @@ import argparse
 import copy
 
 import torch
-from common import RESULTS, append_rows, fastadv_revision, interleaved_medians, load_average, load_note, log, provenance
-from transformers import BertConfig, BertForSequenceClassification
+from common import (
+    RESULTS,
+    append_rows,
+    bert_classifier,
+    fastadv_revision,
+    interleaved_medians,
+    load_average,
+    load_note,
+    log,
+    parameter_gradients,
+    result_rows,
+)
 
 from fastadv import PGD
 from fastadv.benchmarking import GradientCopies, device_description, peak_memory_bytes
@@ -30,16 +40,6 @@ from fastadv.snippets import SnippetPGD
 CSV_PATH = RESULTS / "pgd.csv"
 K, EPSILON, ALPHA = 3, 1.0, 0.3
 EMB_NAME = "word_embeddings"
-
-
-def make_model(vocab: int, hidden: int, layers: int, seq: int, device: torch.device) -> torch.nn.Module:
-    config = BertConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-        intermediate_size=4 * hidden, max_position_embeddings=seq, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, num_labels=2,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return BertForSequenceClassification(config).to(device)
 
 
 def snippet_loop(model: torch.nn.Module, adversary, closure) -> None:
@@ -54,10 +54,6 @@ def snippet_loop(model: torch.nn.Module, adversary, closure) -> None:
             adversary.restore_grad()
         closure().backward()
     adversary.restore(EMB_NAME)
-
-
-def gradient(model: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         args.vocab, hidden, layers, args.batch, args.seq, args.repeats = 5000, 64, 1, 4, 32, 2
 
     log(f"BERT {layers} layers, hidden {hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, K={K}, {device}")
-    base = make_model(args.vocab, hidden, layers, args.seq, device)
+    base = bert_classifier(args.vocab, hidden, layers, args.seq, device)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
@@ -110,10 +106,10 @@ def main(argv: list[str] | None = None) -> None:
     steps = {name: step(name) for name in models}
     for run in steps.values():
         run()
-    reference = gradient(models["snippet"])
+    reference = parameter_gradients(models["snippet"])
 
     def difference(name: str) -> float:
-        return ((gradient(models[name]) - reference).norm() / reference.norm()).item()
+        return ((parameter_gradients(models[name]) - reference).norm() / reference.norm()).item()
 
     fastadv_impls = ("fastadv_drop_in", "fastadv_step")
     agreement = "; ".join(f"{n} vs snippet: grad rel diff {difference(n):.1e}" for n in fastadv_impls)
@@ -143,21 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         log("quick run: nothing written")
         return
-    rows = [
-        provenance(device)
-        | {
-            "benchmark": "pgd_step",
-            "vocab": args.vocab,
-            "dim": hidden,
-            "batch": f"{args.batch}x{args.seq}",
-            "impl": name,
-            "median_s": f"{times[name]:.6g}",
-            "repeats": args.repeats,
-            "extra_memory_bytes": peaks[name],
-            "notes": f"{layers} layers; memory = peak above start; gradient bytes copied {copied[name]}; {note}",
-        }
-        for name in steps
-    ]
+    shape = {"vocab": args.vocab, "dim": hidden, "batch": f"{args.batch}x{args.seq}"}
+    notes = {n: f"{layers} layers; memory = peak above start; gradient bytes copied {copied[n]}; {note}" for n in steps}
+    rows = result_rows(device, "pgd_step", shape, times, args.repeats, peaks, notes)
     append_rows(rows, CSV_PATH)
     log(f"appended {len(rows)} rows to {CSV_PATH}")
 

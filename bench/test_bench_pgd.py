@@ -15,7 +15,8 @@ import copy
 
 import pytest
 import torch
-from pgd import ALPHA, EMB_NAME, EPSILON, K, make_model, snippet_loop
+from common import bert_classifier
+from pgd import ALPHA, EMB_NAME, EPSILON, K, snippet_loop
 
 from fastadv import PGD
 from fastadv.snippets import SnippetPGD
@@ -25,7 +26,7 @@ from fastadv.snippets import SnippetPGD
 def case() -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTADV_BACKEND", "torch")
-        base = make_model(128000, 256, 2, 128, torch.device("cpu"))
+        base = bert_classifier(128000, 256, 2, 128, torch.device("cpu"))
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, 128000, (16, 128), generator=gen)
         labels = torch.randint(0, 2, (16,), generator=gen)
