@@ -132,4 +132,5 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
+        "cuda": torch.version.cuda or "none",  # the CUDA torch was built with ("none" for a CPU build)
     }

@@ -133,19 +133,22 @@ def warn_if_unwrapped_data_parallel(group: object | None) -> str | None:
 
 
 def average_rows_over_ranks(
-    ids: torch.Tensor, grad: torch.Tensor, grad_set: object, group: object
+    ids: torch.Tensor, num_rows: int, grad: torch.Tensor, grad_set: object, group: object
 ) -> tuple[torch.Tensor, object]:
     """This rank's per-id gradient rows averaged over ``group``, on the rows of every rank's ids.
 
     Args:
-        ids: this rank's token ids (any shape); grad: [N, d] addressed by ``grad_set`` (a RowSet).
+        ids: this rank's token ids (any shape), each below ``num_rows`` (the table's rows);
+        grad: [N, d] addressed by ``grad_set`` (a RowSet).
 
     Returns:
-        (rows [M, d], RowSet of M slots): the same row set on every rank, the rows summed over the
-        ranks and divided by their number (each rank's gradient is of its own mean loss).
+        (rows [M, d], RowSet of M slots): the same row set on every rank, M <= min(all ranks' ids, V),
+        the rows summed over the ranks and divided by their number (each rank's gradient is of its
+        own mean loss).
     """
     from .ops import gather_rows, row_set_from_ids
 
-    rows = row_set_from_ids(gather_ids(ids, group)).as_slots()  # the same on every rank: the all-reduce lines up
+    # The same row set on every rank, so the all-reduce lines up.
+    rows = row_set_from_ids(gather_ids(ids, group), num_rows).as_slots()
     world = torch.distributed.get_world_size(group)
     return all_reduce_sum(gather_rows(grad, grad_set, rows.rows), group).div_(world), rows

@@ -100,10 +100,11 @@ class OutputTarget:
                 "loss.backward() on the clean loss before attack(); if you did, the embedding's output does "
                 "not reach the loss (or the fastadv object was created after the forward pass)."
             )
-        grad_set, grad = gradient_rows(lookups, self.module.padding_idx, self.share_rows, backend, self.name)
+        vocab = self.param.shape[0]
+        grad_set, grad = gradient_rows(lookups, vocab, self.module.padding_idx, self.share_rows, backend, self.name)
         if self.group is not None and self.share_rows:  # as one process on the whole batch would see it
             ids = torch.cat([i.reshape(-1) for i, _ in lookups])
-            grad, grad_set = average_rows_over_ranks(ids, grad, grad_set, self.group)
+            grad, grad_set = average_rows_over_ranks(ids, vocab, grad, grad_set, self.group)
         if self._rows is not None:
             grad, grad_set = gather_rows(grad, grad_set, self._rows.rows), self._rows.as_slots()
         elif not self.share_rows:
@@ -171,12 +172,13 @@ Lookups = list[tuple[torch.Tensor, torch.Tensor]]  # (token ids, dL/de of that l
 
 
 def gradient_rows(
-    lookups: Lookups, padding_idx: int | None, share_rows: bool, backend: Backend, name: str
+    lookups: Lookups, num_rows: int, padding_idx: int | None, share_rows: bool, backend: Backend, name: str
 ) -> tuple[RowSet, torch.Tensor]:
     """The gradient of a table's lookups: per distinct id (summed, the weight gradient) or per position.
 
     Args:
         lookups: (ids of any shape, dL/de [*ids.shape, d]) per lookup.
+        num_rows: the table's rows (V); the per-id sums take at most min(N, V) rows for N ids.
         padding_idx: the table's padding row, which gets no gradient (as in the weight gradient).
         share_rows: True sums per id; False keeps one row per position (a single lookup only).
 
@@ -187,9 +189,7 @@ def gradient_rows(
     ids = _joined([i.reshape(-1) for i, _ in lookups]).to(torch.int64)
     grads = _joined([g.reshape(-1, d) for _, g in lookups])
     if share_rows:
-        if padding_idx is not None:
-            grads = torch.where((ids == padding_idx)[:, None], 0.0, grads)
-        return segment_sum_by_id(grads, ids, backend=backend)
+        return segment_sum_by_id(grads, ids, num_rows, padding_idx, backend=backend)
     if len(lookups) > 1:
         raise MissingGradientError(
             f"share_rows=False perturbs each token position of one batch, but '{name}' was looked "

@@ -177,7 +177,7 @@ class LookupRecorder:
     def row_set(self) -> RowSet | None:
         """The recorded rows (None when nothing was recorded since the last reset)."""
         ids = self.ids()
-        return None if ids is None else row_set_from_ids(ids)
+        return None if ids is None else row_set_from_ids(ids, self.weight.shape[0])
 
 
 def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:
@@ -258,7 +258,9 @@ class WeightTarget:
         if lookups is not None:
             if self.recorder is None:
                 raise MissingGradientError(f"'{self.name}' is not an embedding table: it has no lookups.")
-            grad_set, grad = gradient_rows(lookups, self.recorder.padding_idx, True, backend, self.name)
+            grad_set, grad = gradient_rows(
+                lookups, self.param.shape[0], self.recorder.padding_idx, True, backend, self.name
+            )
             if self.group is not None:  # dL/de is this rank's own: average the rows over the ranks
                 grad, grad_set = self._averaged_over_ranks(lookups, grad, grad_set)
         else:
@@ -281,7 +283,7 @@ class WeightTarget:
                         f"'{self.name}' has a gradient, but fastadv saw no lookup of it since the gradient was "
                         "last reset. Create the fastadv object before the forward pass whose gradient it uses."
                     )
-                grad_set, dense = row_set_from_ids(self._rows_of_this_rank(ids)), True
+                grad_set, dense = row_set_from_ids(self._rows_of_this_rank(ids), grad.shape[0]), True
             else:
                 grad = _as_matrix(grad)
                 all_rows = torch.arange(grad.shape[0], device=grad.device)
@@ -327,7 +329,7 @@ class WeightTarget:
         """This rank's per-id gradient rows averaged over the group, on the rows of every rank's ids
         (under FSDP2, then cut to this rank's shard, as local rows)."""
         ids = torch.cat([i.reshape(-1) for i, _ in lookups])
-        summed, rows = average_rows_over_ranks(ids, grad, grad_set, self.group)
+        summed, rows = average_rows_over_ranks(ids, self.param.shape[0], grad, grad_set, self.group)
         if self.shard is None:
             return summed, rows
         start, stop = self.shard.start, self.shard.start + self.shard.rows

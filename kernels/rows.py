@@ -126,29 +126,33 @@ def rows_restore_kernel(
 @triton.jit
 def segment_sum_kernel(
     values_ptr,  # [N, D] with strides (stride_v_row, stride_v_col): one row per token position
-    order_ptr,  # int64 [N]: positions sorted by token id (values row of each sorted slot)
-    seg_end_ptr,  # int64 [N]: for a first slot, one past the last slot holding the same id
-    first_ptr,  # uint8 [N]: 1 on the first slot of each id
-    out_ptr,  # fp32 [N, D] contiguous: row i receives the sum of its id's rows when slot i is first
-    N,
+    order_ptr,  # int64 [N]: positions sorted by token id (the values row of each sorted position)
+    start_ptr,  # int64 [M]: where slot k's run of equal ids starts in sorted order
+    end_ptr,  # int64 [M]: one past its end (== start for a slot with no id: its sum is 0)
+    out_ptr,  # fp32 [M, D] contiguous: row k receives the sum of its run's rows of values
     D,
     stride_v_row,
     stride_v_col,
+    BLOCK_N: tl.constexpr,  # sorted positions read per iteration
     BLOCK_D: tl.constexpr,
 ):
-    # One program per (slot, column block); a deterministic in-order sum, no atomics.
-    i_n, i_d = tl.program_id(0), tl.program_id(1)
-    if tl.load(first_ptr + i_n) != 0:
-        o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
-        m_d = o_d < D
-        o_d64 = o_d.to(tl.int64)
-        b_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for j in range(i_n, tl.load(seg_end_ptr + i_n)):
-            b_pos = tl.load(order_ptr + j).to(tl.int64)
-            b_acc += tl.load(values_ptr + b_pos * stride_v_row + o_d64 * stride_v_col, mask=m_d, other=0.0).to(
-                tl.float32
-            )
-        tl.store(out_ptr + i_n * D + o_d64, b_acc, mask=m_d)
+    # One program per (slot, column block), a deterministic sum with no atomics. A run is read
+    # BLOCK_N rows at a time, so a long one (the padding id can hold half of all positions) keeps
+    # many loads in flight instead of one row per iteration.
+    i_k, i_d = tl.program_id(0), tl.program_id(1)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_d = o_d < D
+    o_d64 = o_d.to(tl.int64)
+    b_start = tl.load(start_ptr + i_k)
+    b_end = tl.load(end_ptr + i_k)
+    b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for j0 in range(b_start, b_end, BLOCK_N):
+        o_j = j0 + tl.arange(0, BLOCK_N)
+        m_j = o_j < b_end
+        b_pos = tl.load(order_ptr + o_j, mask=m_j, other=0).to(tl.int64)
+        p_v = values_ptr + b_pos[:, None] * stride_v_row + o_d64[None, :] * stride_v_col
+        b_acc += tl.load(p_v, mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+    tl.store(out_ptr + i_k.to(tl.int64) * D + o_d64, tl.sum(b_acc, axis=0), mask=m_d)
 
 
 @triton.jit
@@ -230,11 +234,12 @@ def rows_pgd_project_kernel(
     # Second half: w = backup + r, with r scaled to epsilon * r / ||r|| when ||r|| > epsilon.
     i_n = tl.program_id(0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
+    # A skipped step reads and writes nothing: the rows stay as they are. (The flag is read once per
+    # slot, so the mask is a vector: Triton's interpreter rejects a vector & scalar mask.)
+    m_n = (o_n < N) & (tl.load(ok_ptr + o_n * 0) != 0)
     if HAS_FIRST:
         m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
     b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    b_ok = tl.load(ok_ptr) != 0
     b_r_norm = tl.load(r_norm_ptr)
     b_outside = b_r_norm > epsilon
     b_divisor = tl.where(b_outside, b_r_norm, 1.0)
@@ -248,6 +253,4 @@ def rows_pgd_project_kernel(
         # Same order as the snippet's `epsilon * r / torch.norm(r)`, rounded to the weight dtype.
         b_scaled = tl.where(b_outside, ((epsilon * b_r.to(tl.float32)) / b_divisor).to(b_r.dtype), b_r)
         b_new = (b_backup.to(tl.float32) + b_scaled.to(tl.float32)).to(b_backup.dtype)
-        p_w = w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col
-        # A skipped step writes the rows back as they are, bit for bit.
-        tl.store(p_w, tl.where(b_ok, b_new, tl.load(p_w, mask=m, other=0.0)), mask=m)
+        tl.store(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, b_new, mask=m)

@@ -8,6 +8,7 @@ GPU the same tests run the compiled kernels on CUDA tensors, half precision incl
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -16,6 +17,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from sync_checks import static_row_sets  # noqa: E402
 
 BACKENDS = ("torch", "triton")
 # Half precision through the kernels needs a GPU: the interpreter's fp16/bf16 support is not the
@@ -40,6 +42,14 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Force fastadv's backend for the test, as a user would, through FASTADV_BACKEND."""
     monkeypatch.setenv("FASTADV_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def static_rows() -> Iterator[None]:
+    """Row sets and segment sums take their CUDA form on any device: static shapes (sorted ids,
+    first-occurrence flags, min(N, V) slots), no torch.unique (sync_checks.static_row_sets)."""
+    with static_row_sets():
+        yield
 
 
 def assert_close_verbose(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str) -> None:

@@ -14,7 +14,7 @@ from test_ops_rows import make_case
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
 from fastadv.ops import RowSet, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore
 from fastadv.ops.rows import _rows_backup_add, _rows_pgd_step, _rows_restore, _rows_sum_of_squares
-from fastadv.ops.segments import _segment_sum, _sorted_segments
+from fastadv.ops.segments import _segment_sum, _static_segments
 
 METHODS = {
     "fgm": lambda m: FGM(m),
@@ -58,14 +58,12 @@ def test_compiled_model_trains_like_eager(method, compiler):
 
 def op_cases():
     weight, grad, ids = make_case(50, 37, (3, 11), 20, torch.float32)
-    rs = row_set_from_ids(ids, static_shape=True)
+    rs = row_set_from_ids(ids, 50, static_shape=True)
     first = rs.first.view(torch.uint8)
     norm = rows_l2_norm(grad, rs).reshape(1)
     ok = torch.ones(1, dtype=torch.uint8, device=DEVICE)
     backup = weight.index_select(0, rs.rows)
-    _, order, seg_first = _sorted_segments(ids.reshape(-1).long())
-    n = order.numel()
-    seg_end = torch.full((n,), n, device=DEVICE)
+    _, order, _, start, end = _static_segments(ids.reshape(-1).long(), 50)
     return [
         (_rows_sum_of_squares, (grad, rs.grad_rows, first, True)),
         (_rows_backup_add, (weight.clone(), grad, rs.rows, rs.grad_rows, first, True, norm, ok, 0.5, False)),
@@ -74,7 +72,7 @@ def op_cases():
             _rows_pgd_step,
             (weight.clone(), grad, backup.clone(), rs.rows, rs.grad_rows, first, True, False, norm, ok, 0.3, 1.0),
         ),
-        (_segment_sum, (grad[:n], order, seg_end, seg_first.view(torch.uint8))),
+        (_segment_sum, (grad[: order.numel()], order, start, end)),
     ]
 
 
@@ -89,7 +87,7 @@ def test_a_compiled_function_holds_the_kernels_in_one_graph(monkeypatch):
     """fullgraph=True fails on any graph break: attack + restore on the Triton path compile whole."""
     monkeypatch.setenv("FASTADV_BACKEND", "triton")
     weight0, grad, ids = make_case(50, 37, (3, 11), 20, torch.float32)
-    rs = row_set_from_ids(ids, static_shape=True)
+    rs = row_set_from_ids(ids, 50, static_shape=True)
 
     def attack_and_restore(weight, grad, rows, grad_rows, first):
         row_set = RowSet(rows, grad_rows, first)

@@ -44,7 +44,7 @@ def test_three_steps_match_the_snippet_then_restore(backend, dtype, V, D, ids_sh
     untouched[ids.long().reshape(-1)] = False
     rtol, atol = TOL[dtype]
     ok = torch.tensor(True, device=DEVICE)
-    for kind, rs in row_sets(ids).items():
+    for kind, rs in row_sets(ids, V).items():
         weight, backup = weight0.clone(), None
         for g in grads:
             norm = rows_l2_norm(g, rs, backend)
@@ -65,7 +65,7 @@ def test_torch_path_is_the_snippets_bits_and_kernels_agree(backend):
     weight0, grad, ids = make_case(300, 257, (2, 33), 300, torch.float32)
     grads = [grad, second_gradient(grad)]
     want = snippet_pgd_steps(weight0, grads, 0.5, 0.4)
-    weight, backup, rs = weight0.clone(), None, row_set_from_ids(ids)
+    weight, backup, rs = weight0.clone(), None, row_set_from_ids(ids, 300)
     for g in grads:
         norm = rows_l2_norm(g, rs, backend)
         backup = rows_pgd_step(weight, g, rs, backup, norm, torch.tensor(True), 0.4, 0.5, backend)
@@ -78,7 +78,7 @@ def test_torch_path_is_the_snippets_bits_and_kernels_agree(backend):
 @pytest.mark.parametrize("backend,dtype", backend_dtype_cases())
 def test_skip_flag_leaves_rows_as_they_are(backend, dtype):
     weight0, grad, ids = make_case(60, 37, (3, 11), 60, dtype)
-    rs = row_set_from_ids(ids)
+    rs = row_set_from_ids(ids, 60)
     weight = weight0.clone()
     no = torch.tensor(False, device=DEVICE)
     backup = rows_pgd_step(weight, grad, rs, None, torch.tensor(0.0, device=DEVICE), no, 0.3, 1.0, backend)
@@ -92,7 +92,7 @@ def test_skip_flag_leaves_rows_as_they_are(backend, dtype):
 
 def test_backup_of_the_wrong_shape_is_refused():
     weight, grad, ids = make_case(20, 8, (2, 3), 20, torch.float32)
-    rs = row_set_from_ids(ids, static_shape=False)
+    rs = row_set_from_ids(ids, 20, static_shape=False)
     with pytest.raises(ValueError, match="backup must be"):
         rows_pgd_step(weight, grad, rs, torch.zeros(len(rs) + 1, 8), torch.tensor(1.0), torch.tensor(True), 0.1, 1.0)
 

@@ -52,15 +52,18 @@ def oracle_perturbed(weight, grad, ids, epsilon, norm, sign):
     return out
 
 
-def row_sets(ids):
-    return {"compact": row_set_from_ids(ids, static_shape=False), "static": row_set_from_ids(ids, static_shape=True)}
+def row_sets(ids, vocab):
+    return {
+        "compact": row_set_from_ids(ids, vocab, static_shape=False),
+        "static": row_set_from_ids(ids, vocab, static_shape=True),
+    }
 
 
 @pytest.mark.parametrize("static", [False, True], ids=["compact", "static"])
 @pytest.mark.parametrize("ids_dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
 def test_row_set_names_each_distinct_row_once(static, ids_dtype):
     ids = torch.tensor([[5, 3, 5, 0], [3, 3, 9, 0]], dtype=ids_dtype, device=DEVICE)
-    rs = row_set_from_ids(ids, static_shape=static)
+    rs = row_set_from_ids(ids, 10, static_shape=static)
     assert rs.rows.dtype == torch.int64
     counted = rs.rows if rs.first is None else rs.rows[rs.first]
     assert sorted(counted.tolist()) == [0, 3, 5, 9]
@@ -80,7 +83,7 @@ def test_block_sizes_are_powers_of_two_within_budget(d):
 def test_norm_matches_dense_oracle(backend, dtype, V, D, ids_shape, id_range, layout):
     _, grad, ids = make_case(V, D, ids_shape, id_range, dtype, transposed=layout == "transposed")
     want = oracle_norm(grad, ids)
-    for kind, rs in row_sets(ids).items():
+    for kind, rs in row_sets(ids, V).items():
         got = rows_l2_norm(grad, rs, backend)
         assert got.dtype == torch.float32 and got.dim() == 0
         assert_close_verbose(got, want, rtol=1e-6, atol=0, what=f"L2 norm ({kind} rows)")
@@ -98,7 +101,7 @@ def test_backup_add_then_restore(backend, dtype, V, D, ids_shape, id_range, ids_
     untouched[ids.long().reshape(-1)] = False
     rtol, atol = TOL[dtype]
     ok = torch.tensor(True, device=DEVICE)
-    for kind, rs in row_sets(ids).items():
+    for kind, rs in row_sets(ids, V).items():
         weight = weight0.clone()
         backup = rows_backup_add(weight, grad, rs, norm, ok, 0.7, sign, backend)
         assert_close_verbose(weight, want, rtol, atol, what=f"perturbed weight ({kind} rows, sign={sign})")
@@ -114,7 +117,7 @@ def test_skip_flag_leaves_weight_bitwise_untouched(backend, dtype):
     weight0, grad, ids = make_case(60, 37, (3, 11), 60, dtype)
     grad[ids[0, 0]] = float("nan")
     weight = weight0.clone()
-    rs = row_set_from_ids(ids)
+    rs = row_set_from_ids(ids, 60)
     norm = rows_l2_norm(grad, rs, backend)
     assert not torch.isfinite(norm)
     backup = rows_backup_add(weight, grad, rs, norm, torch.isfinite(norm), 1.0, False, backend)
@@ -143,7 +146,7 @@ def test_gradient_given_as_sparse_values(backend, dtype):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_empty_row_set(backend):
     weight0, grad, _ = make_case(10, 6, (1,), 10, torch.float32)
-    rs = row_set_from_ids(torch.empty(0, dtype=torch.int64, device=DEVICE), static_shape=True)
+    rs = row_set_from_ids(torch.empty(0, dtype=torch.int64, device=DEVICE), 10, static_shape=True)
     assert rows_l2_norm(grad, rs, backend).item() == 0.0
     weight = weight0.clone()
     backup = rows_backup_add(weight, grad, rs, torch.tensor(1.0), torch.tensor(True), 1.0, False, backend)
@@ -153,7 +156,7 @@ def test_empty_row_set(backend):
 
 def test_mismatched_shapes_are_refused():
     weight, grad, ids = make_case(10, 6, (3,), 10, torch.float32)
-    rs = row_set_from_ids(ids)
+    rs = row_set_from_ids(ids, 10)
     with pytest.raises(ValueError, match="columns"):
         rows_backup_add(weight, grad[:, :5], rs, torch.tensor(1.0), torch.tensor(True), 1.0)
     with pytest.raises(ValueError, match=r"\[rows, D\] matrix, found shape \(10, 6, 1\)"):
@@ -167,7 +170,7 @@ def test_torch_path_norm_is_the_snippets_number():
     V, D = 20000, 768
     ids = torch.randint(0, V, (4096,), generator=gen).to(DEVICE)
     grad = torch.zeros(V, D, device=DEVICE).index_add_(0, ids, torch.randn(4096, D, generator=gen).to(DEVICE))
-    got = rows_l2_norm(grad, row_set_from_ids(ids, static_shape=False), "torch")
+    got = rows_l2_norm(grad, row_set_from_ids(ids, V, static_shape=False), "torch")
     snippet = torch.norm(grad)
     assert abs((got - snippet) / snippet).item() <= 2e-7  # bitwise, or one ulp
 
@@ -178,7 +181,7 @@ def test_kernel_norm_stays_accurate_over_millions_of_elements(static):
     dot drifts by ~1e-5 here)."""
     gen = torch.Generator().manual_seed(0)
     grad = torch.randn(4096, 768, generator=gen).to(DEVICE)
-    rows = row_set_from_ids(torch.arange(4096, device=DEVICE), static_shape=static)
+    rows = row_set_from_ids(torch.arange(4096, device=DEVICE), 4096, static_shape=static)
     got = rows_l2_norm(grad, rows, "triton").double()
     want = grad.double().square().sum().sqrt()
     assert abs((got - want) / want).item() <= 1e-6

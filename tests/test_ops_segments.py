@@ -32,7 +32,7 @@ def test_segment_sums_equal_the_lookups_weight_gradient(backend, dtype, vocab, d
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, shape, generator=gen).to(DEVICE, ids_dtype)
     values = torch.randn(ids.numel(), 2 * d, generator=gen).to(DEVICE, dtype)[:, ::2]  # non-contiguous
-    rows, sums = segment_sum_by_id(values, ids, static_shape=static, backend=backend)
+    rows, sums = segment_sum_by_id(values, ids, vocab, static_shape=static, backend=backend)
     assert sums.dtype == torch.float32
     want = dense_oracle(values, ids, vocab)
     picked = rows.rows if rows.first is None else rows.rows[rows.first]
@@ -45,4 +45,4 @@ def test_segment_sums_equal_the_lookups_weight_gradient(backend, dtype, vocab, d
 
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match=r"N = ids.numel\(\) = 3"):
-        segment_sum_by_id(torch.zeros(4, 2), torch.zeros(3, dtype=torch.int64))
+        segment_sum_by_id(torch.zeros(4, 2), torch.zeros(3, dtype=torch.int64), 10)

@@ -7,52 +7,13 @@ row set takes the static-shape form that CUDA uses (sorted ids with first-occurr
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import pytest
 import torch
 from conftest import DEVICE
 from models import batches, bert_loss, tiny_bert
+from sync_checks import host_syncs_forbidden
 
-import fastadv.output_target
-import fastadv.target
 from fastadv import FGM, PGD
-from fastadv.ops import row_set_from_ids, segment_sum_by_id
-
-SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "cpu")
-SYNCING_FUNCTIONS = ("nonzero", "unique", "masked_select", "argwhere")
-
-
-@contextlib.contextmanager
-def host_syncs_forbidden(monkeypatch: pytest.MonkeyPatch):
-    def refuse(name):
-        def raiser(*args, **kwargs):
-            raise AssertionError(f"{name} syncs the host with the device, and ran inside attack/restore")
-
-        return raiser
-
-    with monkeypatch.context() as patch:
-        for name in SYNCING_METHODS:
-            patch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
-        for name in SYNCING_FUNCTIONS:
-            patch.setattr(torch, name, refuse(f"torch.{name}"))
-        getitem = torch.Tensor.__getitem__
-
-        def checked_getitem(self, index):
-            parts = index if isinstance(index, tuple) else (index,)
-            if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-                raise AssertionError("boolean-mask indexing syncs the host, and ran inside attack/restore")
-            return getitem(self, index)
-
-        patch.setattr(torch.Tensor, "__getitem__", checked_getitem)
-        if DEVICE == "cuda":
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            if DEVICE == "cuda":
-                torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize(
@@ -65,10 +26,7 @@ def host_syncs_forbidden(monkeypatch: pytest.MonkeyPatch):
     ],
     ids=["input-embedding", "several-parameters", "output-shared-rows", "output-per-position"],
 )
-def test_attack_and_restore_never_sync(backend, monkeypatch, emb_name, target, share_rows):
-    monkeypatch.setattr(fastadv.target, "row_set_from_ids", functools.partial(row_set_from_ids, static_shape=True))
-    static_segments = functools.partial(segment_sum_by_id, static_shape=True)
-    monkeypatch.setattr(fastadv.output_target, "segment_sum_by_id", static_segments)
+def test_attack_and_restore_never_sync(backend, static_rows, emb_name, target, share_rows):
     model = tiny_bert()
     fgm = FGM(model, emb_name=emb_name, target=target, share_rows=share_rows)
     ids, labels = batches(1)[0]
@@ -76,7 +34,7 @@ def test_attack_and_restore_never_sync(backend, monkeypatch, emb_name, target, s
     before = model.get_input_embeddings().weight.detach().clone()
     with torch.no_grad():  # forwards without gradients leave the captured micro-batch alone
         clean = model(input_ids=ids).logits
-    with host_syncs_forbidden(monkeypatch):
+    with host_syncs_forbidden(DEVICE):
         fgm.attack()
         fgm.restore()
         fgm.attack()
@@ -88,24 +46,21 @@ def test_attack_and_restore_never_sync(backend, monkeypatch, emb_name, target, s
 
 
 @pytest.mark.parametrize("target", ["weight", "output"])
-def test_pgd_attacks_and_restore_never_sync(backend, monkeypatch, target):
-    monkeypatch.setattr(fastadv.target, "row_set_from_ids", functools.partial(row_set_from_ids, static_shape=True))
-    static_segments = functools.partial(segment_sum_by_id, static_shape=True)
-    monkeypatch.setattr(fastadv.output_target, "segment_sum_by_id", static_segments)
+def test_pgd_attacks_and_restore_never_sync(backend, static_rows, target):
     model = tiny_bert()
     pgd = PGD(model, epsilon=0.05, alpha=0.03, target=target)
     ids, labels = batches(1)[0]
     bert_loss(model, ids, labels).backward()
     before = model.get_input_embeddings().weight.detach().clone()
-    with host_syncs_forbidden(monkeypatch):
+    with host_syncs_forbidden(DEVICE):
         pgd.attack(is_first_attack=True)
     model.zero_grad()
     bert_loss(model, ids, labels).backward()  # the forward pass itself may sync: it is the model's
-    with host_syncs_forbidden(monkeypatch):
+    with host_syncs_forbidden(DEVICE):
         pgd.attack()  # a later attack: re-addressing the gradient to the round's rows, projecting
     with torch.no_grad():
         perturbed = model(input_ids=ids).logits
-    with host_syncs_forbidden(monkeypatch):
+    with host_syncs_forbidden(DEVICE):
         pgd.restore()
     with torch.no_grad():
         clean = model(input_ids=ids).logits
@@ -113,7 +68,7 @@ def test_pgd_attacks_and_restore_never_sync(backend, monkeypatch, target):
     assert torch.equal(model.get_input_embeddings().weight, before)
 
 
-def test_the_guard_catches_a_sync(monkeypatch):
+def test_the_guard_catches_a_sync():
     """The guard itself: a path that calls .item() is caught."""
-    with host_syncs_forbidden(monkeypatch), pytest.raises(AssertionError, match=r"Tensor\.item"):
+    with host_syncs_forbidden(DEVICE), pytest.raises(AssertionError, match=r"Tensor\.item"):
         torch.ones(2, device=DEVICE).sum().item()

@@ -17,15 +17,19 @@ None of them syncs with the host: shapes depend on the number of recorded ids on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .backend import Backend, kernels, resolve_backend
 
 __all__ = [
+    "DistinctSlots",
     "RowSet",
+    "distinct_slots",
     "gather_rows",
     "row_block_sizes",
+    "row_launch_options",
     "row_set_from_ids",
     "rows_backup_add",
     "rows_backup_add_reference",
@@ -62,11 +66,15 @@ class RowSet:
         return RowSet(self.rows, torch.arange(len(self), device=self.rows.device), self.first)
 
 
-def row_set_from_ids(ids: torch.Tensor, static_shape: bool | None = None) -> RowSet:
-    """The distinct rows named by token ids of any shape (int32 or int64).
+def row_set_from_ids(ids: torch.Tensor, num_rows: int, static_shape: bool | None = None) -> RowSet:
+    """The distinct rows named by token ids of any shape (int32 or int64), each in [0, num_rows).
 
-    ``static_shape`` (default: True on CUDA) keeps all B*T ids, sorted, with first-occurrence flags,
-    so no host sync is needed to count the distinct ids; otherwise ``torch.unique`` compacts them.
+    ``static_shape`` (default: True on CUDA) gives min(N, num_rows) slots for N ids, a number the
+    host knows, so no host sync is needed to count the distinct ids: the distinct ids first, in
+    ascending order and flagged, then unflagged slots repeating the largest id. Otherwise
+    ``torch.unique`` compacts them (one sync). Either way no buffer sized by the slots outgrows
+    min(N, num_rows) rows: a batch cannot name more distinct rows than it has ids, nor than the
+    table has rows.
     """
     flat = ids.reshape(-1).to(torch.int64)
     if static_shape is None:
@@ -74,10 +82,45 @@ def row_set_from_ids(ids: torch.Tensor, static_shape: bool | None = None) -> Row
     if not static_shape:
         rows = torch.unique(flat)
         return RowSet(rows, rows)
-    rows = torch.sort(flat).values
-    first = torch.ones_like(rows, dtype=torch.bool)
-    first[1:] = rows[1:] != rows[:-1]
-    return RowSet(rows, rows, first)
+    slots = distinct_slots(torch.sort(flat).values, num_rows)
+    return RowSet(slots.rows, slots.rows, slots.first)
+
+
+class DistinctSlots(NamedTuple):
+    """N sorted ids compacted into M = min(N, num_rows) slots (see :func:`distinct_slots`)."""
+
+    rows: torch.Tensor  # int64 [M]: the U distinct ids in order, then M - U copies of the largest
+    first: torch.Tensor  # bool [M]: True on the U distinct slots
+    slot: torch.Tensor  # int64 [N]: the slot of each sorted id
+    run_start: torch.Tensor  # bool [N]: True where a sorted id differs from the one before
+
+
+def distinct_slots(sorted_ids: torch.Tensor, num_rows: int) -> DistinctSlots:
+    """Compact N sorted ids (int64, ascending, each in [0, num_rows)) into min(N, num_rows) slots on
+    the device, without a host sync. The repeats of the largest id keep ``rows`` sorted and in range."""
+    n = sorted_ids.numel()
+    m = min(n, int(num_rows))
+    run_start = torch.ones_like(sorted_ids, dtype=torch.bool)
+    if n == 0:
+        return DistinctSlots(sorted_ids, run_start, sorted_ids, run_start)
+    run_start[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    slot = run_start.cumsum(0).sub_(1)
+    rows = scatter_run_starts(sorted_ids, run_start, slot, m, fill=sorted_ids[-1:])
+    first = torch.arange(m, device=sorted_ids.device) <= slot[-1]
+    return DistinctSlots(rows, first, slot, run_start)
+
+
+def scatter_run_starts(
+    src: torch.Tensor, run_start: torch.Tensor, slot: torch.Tensor, m: int, fill: torch.Tensor
+) -> torch.Tensor:
+    """[m]: ``src[i]`` at ``slot[i]`` for each run start i, ``fill`` (one element) elsewhere.
+
+    Only run starts are written (the others go to a spare slot that is cut off), so no two writes
+    meet: deterministic on every device.
+    """
+    out = fill.expand(m + 1).clone()
+    out.scatter_(0, torch.where(run_start, slot, m), src)
+    return out[:m]
 
 
 def row_block_sizes(d: int) -> tuple[int, int]:
@@ -86,9 +129,23 @@ def row_block_sizes(d: int) -> tuple[int, int]:
     return max(1, 2048 // block_d), block_d
 
 
+# 8 warps: 8 elements of each 2048-element tile per thread. With 4 warps the PGD ascent's live
+# tiles spilled on sm_90 under Triton 3.9's ptxas (tests/test_kernel_compile.py). FMA fusion is
+# stated rather than left to Triton's default, which 3.10 changes; it only fuses the sums of
+# squares (a fused g * g + acc is the more accurate), every perturbation is a division then an add.
+KERNEL_OPTIONS = {"num_warps": 8, "enable_fp_fusion": True}
+
+
+def row_launch_options(d: int) -> dict[str, int | bool]:
+    """The tile sizes and launch options of every row kernel for rows of length ``d``."""
+    block_n, block_d = row_block_sizes(d)
+    return {"BLOCK_N": block_n, "BLOCK_D": block_d, **KERNEL_OPTIONS}
+
+
 def _first_as_uint8(row_set: RowSet) -> torch.Tensor:
-    first = row_set.first if row_set.first is not None else row_set.rows  # unread when HAS_FIRST=0
-    return first.view(torch.uint8) if first.dtype == torch.bool else first
+    if row_set.first is None:  # unread when HAS_FIRST=0; a uint8 view, so the kernel compiles one pointer type
+        return row_set.rows.view(torch.uint8)
+    return row_set.first.view(torch.uint8)
 
 
 def _check_2d(name: str, t: torch.Tensor) -> None:
@@ -142,11 +199,10 @@ def _rows_sum_of_squares(
 ) -> torch.Tensor:
     """fp32 [programs]: one partial sum of squares of the slots' gradient rows per program."""
     n, d = grad_rows.numel(), grad.shape[1]
-    block_n, block_d = row_block_sizes(d)
-    partial = torch.empty(_cdiv(n, block_n), dtype=torch.float32, device=grad.device)
+    options = row_launch_options(d)
+    partial = torch.empty(_cdiv(n, options["BLOCK_N"]), dtype=torch.float32, device=grad.device)
     kernels().rows_sum_of_squares_kernel[(partial.numel(),)](
-        grad, grad_rows, first, partial, n, d, grad.stride(0), grad.stride(1),
-        HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
+        grad, grad_rows, first, partial, n, d, grad.stride(0), grad.stride(1), HAS_FIRST=has_first, **options,
     )  # fmt: skip
     return partial
 
@@ -240,11 +296,11 @@ def _rows_backup_add(
     n, d = rows.numel(), weight.shape[1]
     # Zeroed: a duplicate slot's row is not written, and an op's output must not depend on stale memory.
     backup = torch.zeros((n, d), dtype=weight.dtype, device=weight.device)
-    block_n, block_d = row_block_sizes(d)
-    kernels().rows_backup_add_kernel[(_cdiv(n, block_n),)](
+    options = row_launch_options(d)
+    kernels().rows_backup_add_kernel[(_cdiv(n, options["BLOCK_N"]),)](
         weight, grad, backup, rows, grad_rows, first, norm, ok, epsilon,
         n, d, weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1),
-        SIGN=sign, HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
+        SIGN=sign, HAS_FIRST=has_first, **options,
     )  # fmt: skip
     return backup
 
@@ -280,10 +336,9 @@ def _rows_restore(
 ) -> None:
     """Copies ``backup`` ([N, D]) into the slots' rows of ``weight``."""
     n, d = rows.numel(), weight.shape[1]
-    block_n, block_d = row_block_sizes(d)
-    kernels().rows_restore_kernel[(_cdiv(n, block_n),)](
-        weight, backup, rows, first, n, d, weight.stride(0), weight.stride(1),
-        HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
+    options = row_launch_options(d)
+    kernels().rows_restore_kernel[(_cdiv(n, options["BLOCK_N"]),)](
+        weight, backup, rows, first, n, d, weight.stride(0), weight.stride(1), HAS_FIRST=has_first, **options,
     )  # fmt: skip
 
 
@@ -387,19 +442,19 @@ def _rows_pgd_step(
 ) -> None:
     """Ascent (filling ``backup`` first when ``save_backup``), then projection, on the slots' rows of ``weight``."""
     n, d = rows.numel(), weight.shape[1]
-    block_n, block_d = row_block_sizes(d)
-    grid = (_cdiv(n, block_n),)
+    options = row_launch_options(d)
+    grid = (_cdiv(n, options["BLOCK_N"]),)
     r = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
     partial = torch.empty(grid[0], dtype=torch.float32, device=weight.device)
     kernels().rows_pgd_ascent_kernel[grid](
         weight, grad, backup, r, partial, rows, grad_rows, first, norm, ok, alpha,
         n, d, weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1),
-        SAVE_BACKUP=save_backup, HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
+        SAVE_BACKUP=save_backup, HAS_FIRST=has_first, **options,
     )  # fmt: skip
     r_norm = partial.sum().sqrt().reshape(1)
     kernels().rows_pgd_project_kernel[grid](
         weight, backup, r, rows, first, r_norm, ok, epsilon, n, d, weight.stride(0), weight.stride(1),
-        HAS_FIRST=has_first, BLOCK_N=block_n, BLOCK_D=block_d,
+        HAS_FIRST=has_first, **options,
     )  # fmt: skip
 
 
