@@ -1,8 +1,11 @@
-"""What the bench scripts share: logging, provenance, timing in turns, and appending CSV rows."""
+"""What the bench scripts share: logging, provenance, the models (BERT, Llama) and arguments, timing in
+turns, gradient comparisons, and appending CSV rows."""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import functools
 import gc
 import os
 import statistics
@@ -16,13 +19,10 @@ import torch
 from fastadv.benchmarking import device_description, environment, median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The columns every result row starts with (provenance()), then each CSV's own.
+PROVENANCE = ["date", "device", "device_type", "torch", "triton", "python", "cuda", "commit"]
 COLUMNS = [
-    "date",
-    "device",
-    "device_type",
-    "torch",
-    "triton",
-    "python",
+    *PROVENANCE,
     "benchmark",
     "vocab",
     "dim",
@@ -36,10 +36,11 @@ COLUMNS = [
 
 
 def provenance(device: torch.device) -> dict[str, str]:
-    """The columns every result row starts with: date, device (in words and its type) and versions."""
+    """The columns every result row starts with (PROVENANCE): date, device (in words and its type),
+    versions (torch, triton, python, the CUDA torch was built with) and fastadv's commit."""
     env = environment()
     base = {"date": env["date"], "device": device_description(device), "device_type": device.type}
-    return base | {k: env[k] for k in ("torch", "triton", "python")}
+    return base | {k: env[k] for k in ("torch", "triton", "python", "cuda")} | {"commit": git_commit()}
 
 
 def bert_classifier(
@@ -59,9 +60,64 @@ def bert_classifier(
     return BertForSequenceClassification(config).to(device)
 
 
+def llama_lm(
+    vocab: int,
+    hidden: int,
+    layers: int,
+    intermediate: int,
+    seq: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    attention: str = "sdpa",
+) -> torch.nn.Module:
+    """A random LlamaForCausalLM (seed 0, untied head) built directly on ``device`` in ``dtype``.
+
+    Heads of 128 (at least one) and a quarter as many key/value heads (grouped-query attention, as
+    in Llama 3); ``attention`` e.g. "eager" (which has a double backward). Nothing is downloaded.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, hidden // 128)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), max_position_embeddings=seq,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    config._attn_implementation = attention
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters made in dtype, on the device: no full-precision copy first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.train()
+
+
+def bert_step_parser(description: str, vocab: int, layers: int | None, layers_help: str) -> argparse.ArgumentParser:
+    """The arguments of the BERT training-step benchmarks (pgd.py, gradient_penalty.py): device, sizes, --quick."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vocab", type=int, default=vocab)
+    parser.add_argument("--hidden", type=int, default=None, help="default 256 on CPU, 768 on CUDA")
+    parser.add_argument("--layers", type=int, default=layers, help=layers_help)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, nothing saved")
+    return parser
+
+
 def parameter_gradients(model: torch.nn.Module) -> torch.Tensor:
     """Every parameter gradient of ``model``, flattened into one fp64 vector."""
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+
+
+def relative_grad_difference(model: torch.nn.Module, reference: torch.nn.Module) -> float:
+    """||g - g_ref|| / ||g_ref|| over every parameter gradient of two copies of one model, in fp64."""
+    g, g_ref = parameter_gradients(model), parameter_gradients(reference)
+    return ((g - g_ref).norm() / g_ref.norm()).item()
 
 
 def result_rows(
@@ -81,9 +137,17 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def fastadv_revision() -> str:
-    """fastadv's version and the commit of its checkout (+dirty when fastadv/ or kernels/ differ from it)."""
+@functools.cache
+def git_commit() -> str:
+    """The commit of fastadv's checkout, short (+dirty when fastadv/ or kernels/ differ from it).
+
+    A copy of the tree without its .git (a lent GPU machine gets one) names it in FASTADV_COMMIT;
+    '?' when neither says.
+    """
     import fastadv
+
+    if os.environ.get("FASTADV_COMMIT"):
+        return os.environ["FASTADV_COMMIT"]
 
     root = Path(fastadv.__file__).resolve().parents[1]
 
@@ -92,10 +156,17 @@ def fastadv_revision() -> str:
 
     try:
         commit = git("rev-parse", "--short", "HEAD") or "?"
-        dirty = "+dirty" if git("status", "--porcelain", "--", "fastadv", "kernels") else ""
+        dirty = "+dirty" if commit != "?" and git("status", "--porcelain", "--", "fastadv", "kernels") else ""
     except (OSError, subprocess.SubprocessError):
         commit, dirty = "?", ""
-    return f"fastadv {fastadv.__version__} @ {commit}{dirty}"
+    return commit + dirty
+
+
+def fastadv_revision() -> str:
+    """fastadv's version and the commit of its checkout, e.g. 'fastadv 0.1.0 @ 63fa9d9+dirty'."""
+    import fastadv
+
+    return f"fastadv {fastadv.__version__} @ {git_commit()}"
 
 
 def load_average() -> float:
@@ -130,17 +201,17 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def append_rows(rows: list[dict], csv_path: Path) -> None:
+def append_rows(rows: list[dict], csv_path: Path, columns: list[str] = COLUMNS) -> None:
     """Append rows to a results CSV (never overwriting), refusing a file with other columns."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     if not new:
         with csv_path.open(newline="") as f:
             header = next(csv.reader(f), None)
-        if header != COLUMNS:
-            raise SystemExit(f"{csv_path} has columns {header}, expected {COLUMNS}: not appending to it.")
+        if header != columns:
+            raise SystemExit(f"{csv_path} has columns {header}, expected {columns}: not appending to it.")
     with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         if new:
             writer.writeheader()
         writer.writerows(rows)

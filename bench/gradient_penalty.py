@@ -13,14 +13,15 @@ prints the table and appends rows to bench/results/gradient_penalty.csv.
 
 from __future__ import annotations
 
-import argparse
 import copy
+from collections.abc import Callable
 
 import torch
 from common import (
     RESULTS,
     append_rows,
     bert_classifier,
+    bert_step_parser,
     fastadv_revision,
     interleaved_medians,
     load_average,
@@ -37,27 +38,19 @@ CSV_PATH = RESULTS / "gradient_penalty.csv"
 EPSILON = 0.01
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--hidden", type=int, default=None, help="default 256 on CPU, 768 on CUDA")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=30522)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, nothing saved")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    hidden = args.hidden or (768 if device.type == "cuda" else 256)
-    if args.quick:
-        hidden, args.layers, args.batch, args.seq, args.repeats = 64, 1, 4, 32, 2
+def compare_gradient_penalty(
+    base: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], device: torch.device, repeats: int
+) -> dict:
+    """One gradient-penalty training step's passes on copies of ``base`` (which needs a double backward,
+    e.g. eager attention): plain, finite difference and exact, compared (cosine), then timed in turns.
 
-    log(f"BERT {args.layers} layers, hidden {hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, {device}")
-    base = bert_classifier(args.vocab, hidden, args.layers, args.seq, device, attention="eager")  # exact needs it
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
-    labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
+    Args:
+        loss_of: runs a forward pass of the model it is given on the benchmark's batch; returns the loss.
+
+    Returns:
+        times (median seconds) and memory (extra bytes of the step) by implementation name, and
+        agreement (text: cosines of the whole gradient and of its penalty part, finite difference vs exact).
+    """
     models = {name: copy.deepcopy(base) for name in ("plain", "finite_difference", "exact")}
     penalties = {name: GradientPenalty(models[name], EPSILON, mode=name) for name in ("finite_difference", "exact")}
 
@@ -66,11 +59,10 @@ def main(argv: list[str] | None = None) -> None:
 
         def run() -> None:
             model.zero_grad(set_to_none=True)
-            closure = lambda: model(input_ids=ids, labels=labels).loss  # noqa: E731
             if name == "plain":
-                closure().backward()
+                loss_of(model).backward()
             else:
-                penalties[name].step(closure)
+                penalties[name].step(lambda: loss_of(model))
 
         return run
 
@@ -82,17 +74,37 @@ def main(argv: list[str] | None = None) -> None:
     agreement = (
         f"cosine(fd, exact)={cos(fd, exact, 0).item():.6f}; penalty part {cos(fd - plain, exact - plain, 0).item():.6f}"
     )
+    del fd, exact, plain
     log(f"agreement of the parameter gradients: {agreement}")
-
-    before = load_average()
-    times = interleaved_medians(steps, device, args.repeats)
-    note = f"{fastadv_revision()}; eps={EPSILON}; eager attention; {agreement}; {load_note(before)}"
+    times = interleaved_medians(steps, device, repeats)
     memory = {name: extra_memory_bytes(run, device) for name, run in steps.items()}
+    return {"times": times, "memory": memory, "agreement": agreement}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = bert_step_parser(__doc__.split("\n\n")[0], 30522, 2, "encoder layers")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    hidden = args.hidden or (768 if device.type == "cuda" else 256)
+    if args.quick:
+        hidden, args.layers, args.batch, args.seq, args.repeats = 64, 1, 4, 32, 2
+
+    log(f"BERT {args.layers} layers, hidden {hidden}, vocab {args.vocab}, batch {args.batch}x{args.seq}, {device}")
+    base = bert_classifier(args.vocab, hidden, args.layers, args.seq, device, attention="eager")  # exact needs it
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
+    labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
+    before = load_average()
+    loss_of = lambda model: model(input_ids=ids, labels=labels).loss  # noqa: E731
+    result = compare_gradient_penalty(base, loss_of, device, args.repeats)
+    del base
+    times, memory = result["times"], result["memory"]
+    note = f"{fastadv_revision()}; eps={EPSILON}; eager attention; {result['agreement']}; {load_note(before)}"
 
     desc = device_description(device)
     print(f"\ngradient-penalty step on {desc} (BERT {args.layers}x{hidden}, batch {args.batch}x{args.seq}):")
     print(f"{'':>20}{'median ms':>12}{'extra MiB':>12}")
-    for name in steps:
+    for name in times:
         print(f"{name:>20}{1000 * times[name]:12.1f}{memory[name] / 2**20:12.1f}")
     ratio = times["finite_difference"] / times["exact"]
     print(f"finite_difference / exact: time {ratio:.2f}x, memory {memory['finite_difference'] / memory['exact']:.2f}x")

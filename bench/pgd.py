@@ -16,20 +16,21 @@ bench/results/pgd.csv.
 
 from __future__ import annotations
 
-import argparse
 import copy
+from collections.abc import Callable
 
 import torch
 from common import (
     RESULTS,
     append_rows,
     bert_classifier,
+    bert_step_parser,
     fastadv_revision,
     interleaved_medians,
     load_average,
     load_note,
     log,
-    parameter_gradients,
+    relative_grad_difference,
     result_rows,
 )
 
@@ -42,30 +43,82 @@ K, EPSILON, ALPHA = 3, 1.0, 0.3
 EMB_NAME = "word_embeddings"
 
 
-def snippet_loop(model: torch.nn.Module, adversary, closure) -> None:
+def snippet_loop(model: torch.nn.Module, adversary, closure, emb_name: str = EMB_NAME) -> None:
     """The loop every PGD script has (also run with fastadv.PGD: its drop-in calls)."""
     closure().backward()
     adversary.backup_grad()
     for t in range(K):
-        adversary.attack(EPSILON, ALPHA, EMB_NAME, is_first_attack=(t == 0))
+        adversary.attack(EPSILON, ALPHA, emb_name, is_first_attack=(t == 0))
         if t != K - 1:
             model.zero_grad()
         else:
             adversary.restore_grad()
         closure().backward()
-    adversary.restore(EMB_NAME)
+    adversary.restore(emb_name)
+
+
+def compare_pgd(
+    base: torch.nn.Module,
+    loss_of: Callable[[torch.nn.Module], torch.Tensor],
+    emb_name: str,
+    device: torch.device,
+    repeats: int,
+) -> dict:
+    """One PGD (K = 3) training step's passes on copies of ``base``: plain, the snippet's loop, fastadv's
+    drop-in and pgd.step, checked to give the same gradient, then timed in turns.
+
+    Args:
+        loss_of: runs a forward pass of the model it is given on the benchmark's batch; returns the loss.
+        emb_name: the embedding's parameter name, as the snippet is called.
+
+    Returns:
+        times (median seconds), peaks (peak bytes above the start), copied (bytes copied out of ``.grad``),
+        each by implementation name, and agreement (text: each fastadv variant's gradient vs the snippet's).
+    """
+    models = {name: copy.deepcopy(base) for name in ("plain", "snippet", "fastadv_drop_in", "fastadv_step")}
+    adversaries = {
+        "snippet": SnippetPGD(models["snippet"]),
+        "fastadv_drop_in": PGD(models["fastadv_drop_in"], EPSILON, ALPHA, K, emb_name=emb_name),
+        "fastadv_step": PGD(models["fastadv_step"], EPSILON, ALPHA, K, emb_name=emb_name),
+    }
+
+    def step(name: str):
+        model = models[name]
+
+        def closure() -> torch.Tensor:
+            return loss_of(model)
+
+        def run() -> None:
+            model.zero_grad(set_to_none=True)
+            if name == "plain":
+                closure().backward()
+            elif name == "fastadv_step":
+                adversaries[name].step(closure)
+            else:
+                snippet_loop(model, adversaries[name], closure, emb_name)
+
+        return run
+
+    steps = {name: step(name) for name in models}
+    for run in steps.values():
+        run()
+    agreement = "; ".join(
+        f"{name} vs snippet: grad rel diff {relative_grad_difference(models[name], models['snippet']):.1e}"
+        for name in ("fastadv_drop_in", "fastadv_step")
+    )
+    log(agreement)
+    times = interleaved_medians(steps, device, repeats)
+    peaks, copied = {}, {}
+    for name, run in steps.items():
+        peaks[name] = peak_memory_bytes(run, device)
+        with GradientCopies(models[name]) as copies:
+            run()
+        copied[name] = copies.bytes
+    return {"times": times, "peaks": peaks, "copied": copied, "agreement": agreement}
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--vocab", type=int, default=128000)
-    parser.add_argument("--hidden", type=int, default=None, help="default 256 on CPU, 768 on CUDA")
-    parser.add_argument("--layers", type=int, default=None, help="default 2 on CPU, 4 on CUDA")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, nothing saved")
+    parser = bert_step_parser(__doc__.split("\n\n")[0], 128000, None, "default 2 on CPU, 4 on CUDA")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -78,58 +131,17 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     labels = torch.randint(0, 2, (args.batch,), generator=gen).to(device)
-    models = {name: copy.deepcopy(base) for name in ("plain", "snippet", "fastadv_drop_in", "fastadv_step")}
-    del base
-    adversaries = {
-        "snippet": SnippetPGD(models["snippet"]),
-        "fastadv_drop_in": PGD(models["fastadv_drop_in"], EPSILON, ALPHA, K, emb_name=EMB_NAME),
-        "fastadv_step": PGD(models["fastadv_step"], EPSILON, ALPHA, K, emb_name=EMB_NAME),
-    }
-
-    def step(name: str):
-        model = models[name]
-
-        def closure() -> torch.Tensor:
-            return model(input_ids=ids, labels=labels).loss
-
-        def run() -> None:
-            model.zero_grad(set_to_none=True)
-            if name == "plain":
-                closure().backward()
-            elif name == "fastadv_step":
-                adversaries[name].step(closure)
-            else:
-                snippet_loop(model, adversaries[name], closure)
-
-        return run
-
-    steps = {name: step(name) for name in models}
-    for run in steps.values():
-        run()
-    reference = parameter_gradients(models["snippet"])
-
-    def difference(name: str) -> float:
-        return ((parameter_gradients(models[name]) - reference).norm() / reference.norm()).item()
-
-    fastadv_impls = ("fastadv_drop_in", "fastadv_step")
-    agreement = "; ".join(f"{n} vs snippet: grad rel diff {difference(n):.1e}" for n in fastadv_impls)
-    log(agreement)
-
     before = load_average()
-    times = interleaved_medians(steps, device, args.repeats)
-    note = f"{fastadv_revision()}; K={K}, eps={EPSILON}, alpha={ALPHA}; {agreement}; {load_note(before)}"
-    peaks, copied = {}, {}
-    for name, run in steps.items():
-        peaks[name] = peak_memory_bytes(run, device)
-        with GradientCopies(models[name]) as copies:
-            run()
-        copied[name] = copies.bytes
+    result = compare_pgd(base, lambda model: model(input_ids=ids, labels=labels).loss, EMB_NAME, device, args.repeats)
+    del base
+    times, peaks, copied = result["times"], result["peaks"], result["copied"]
+    note = f"{fastadv_revision()}; K={K}, eps={EPSILON}, alpha={ALPHA}; {result['agreement']}; {load_note(before)}"
 
     desc = device_description(device)
     shape = f"BERT {layers}x{hidden}, V={args.vocab}, batch {args.batch}x{args.seq}"
     print(f"\nPGD K={K} training step on {desc} ({shape}):")
     print(f"{'':>18}{'median ms':>12}{'peak MiB':>12}{'grad copies MiB':>18}")
-    for name in steps:
+    for name in times:
         print(f"{name:>18}{1000 * times[name]:12.1f}{peaks[name] / 2**20:12.1f}{copied[name] / 2**20:18.1f}")
     print(
         f"pgd.step / snippet loop: time {times['fastadv_step'] / times['snippet']:.2f}x, "
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         log("quick run: nothing written")
         return
     shape = {"vocab": args.vocab, "dim": hidden, "batch": f"{args.batch}x{args.seq}"}
-    notes = {n: f"{layers} layers; memory = peak above start; gradient bytes copied {copied[n]}; {note}" for n in steps}
+    notes = {n: f"{layers} layers; memory = peak above start; gradient bytes copied {copied[n]}; {note}" for n in times}
     rows = result_rows(device, "pgd_step", shape, times, args.repeats, peaks, notes)
     append_rows(rows, CSV_PATH)
     log(f"appended {len(rows)} rows to {CSV_PATH}")

@@ -42,6 +42,7 @@ from common import (
     load_note,
     log,
     provenance,
+    relative_grad_difference,
     release,
 )
 from fgm_cases import BATCH, EPSILON, SEQ, make_attack_case
@@ -58,14 +59,26 @@ TRAIN_EMB_NAME = "word_embeddings"
 # ---------------------------------------------------------------- a + b: attack + restore, memory
 
 
-def bench_attack(vocab: int, dim: int, device: torch.device, repeats: int) -> dict:
-    log(f"attack+restore V={vocab} d={dim}: building two copies and the clean backward")
-    case = make_attack_case(vocab, dim, device)
+def bench_attack(
+    vocab: int,
+    dim: int,
+    device: torch.device,
+    repeats: int,
+    dtype: torch.dtype = torch.float32,
+    batch: int = BATCH,
+    seq: int = SEQ,
+) -> dict:
+    """Attack+restore time (median of ``repeats``, in turns) and attack's extra memory, snippet vs fastadv,
+    on an nn.Embedding(vocab, dim) in ``dtype`` after the clean backward of a batch x seq batch of random ids."""
+    log(f"attack+restore V={vocab} d={dim} {str(dtype).removeprefix('torch.')}: two copies and the clean backward")
+    case = make_attack_case(vocab, dim, device, batch, seq, dtype=dtype)
     agree = case.agreement()
+    distinct = torch.unique(case.ids).numel()
+    tolerance = "1e-5" if dtype == torch.float32 else f"{torch.finfo(dtype).eps:.2g}, one rounding"
     log(
-        f"  agreement after attack: max rel diff {agree['max_rel_diff']:.2e} (<= 1e-5), perturbation norm "
-        f"{agree['perturbation_norm']:.6f}, {int(agree['changed_rows'])} rows changed by fastadv; the perturbations "
-        f"themselves differ by {agree['delta_rel_diff']:.1e} (relative, norm)"
+        f"  agreement after attack: max rel diff {agree['max_rel_diff']:.2e} (<= {tolerance}), perturbation norm "
+        f"{agree['perturbation_norm']:.6f}, {int(agree['changed_rows'])} of {distinct} batch rows changed by "
+        f"fastadv; the perturbations themselves differ by {agree['delta_rel_diff']:.1e} (relative, norm)"
     )
     load = load_average()
     times = interleaved_medians({"snippet": case.snippet_pair, "fastadv": case.fastadv_pair}, device, repeats)
@@ -88,11 +101,11 @@ def bench_attack(vocab: int, dim: int, device: torch.device, repeats: int) -> di
         "fastadv_s": fastadv_s,
         "snippet_mem": snippet_mem,
         "fastadv_mem": fastadv_mem,
-        "rows": int(agree["changed_rows"]),
+        "rows": distinct,
         "notes": (
             f"fastadv backend={case.fgm.backend}; agreement max_rel_diff={agree['max_rel_diff']:.2e} "
             f"(perturbations: {agree['delta_rel_diff']:.1e}); "
-            f"distinct rows={int(agree['changed_rows'])}; ids uniform in [0,V); {load}"
+            f"distinct rows={distinct} ({int(agree['changed_rows'])} changed); ids uniform in [0,V); {load}"
         ),
     }
     del case
@@ -154,18 +167,6 @@ class Trainer:
         self.optimizer.step()
 
 
-def rel_grad_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    """||g_a - g_b|| / ||g_b|| over all gradients as one vector (single parameters such as the attention
-    key bias, whose exact gradient is zero, hold only rounding noise, so a per-parameter max would mislead)."""
-    diff = ref = 0.0
-    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        assert (pa.grad is None) == (pb.grad is None), name
-        if pa.grad is not None:
-            diff += (pa.grad.double() - pb.grad.double()).square().sum().item()
-            ref += pb.grad.double().square().sum().item()
-    return (diff / max(ref, 1e-300)) ** 0.5
-
-
 def bench_train(vocab: int, hidden: int, device: torch.device, repeats: int, batch_size: int) -> dict:
     log(f"train step V={vocab} hidden={hidden}: building 1-layer BERT x3 (plain, snippet, fastadv)")
     base = make_bert(vocab, hidden, device)
@@ -180,7 +181,7 @@ def bench_train(vocab: int, hidden: int, device: torch.device, repeats: int, bat
     # Same weights, same batch: the adversarial gradients of snippet and fastadv must agree.
     trainers["snippet"].backward()
     trainers["fastadv"].backward()
-    grad_diff = rel_grad_diff(trainers["snippet"].model, trainers["fastadv"].model)
+    grad_diff = relative_grad_difference(trainers["fastadv"].model, trainers["snippet"].model)
     assert grad_diff <= 1e-4, f"snippet and fastadv training gradients disagree: relative diff {grad_diff:.3g}"
     log(f"  agreement of the step's gradients (clean + adversarial): relative diff (norm) {grad_diff:.2e}")
     load = load_average()
