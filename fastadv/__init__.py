@@ -11,6 +11,7 @@ from .errors import (
     FastAdvWarning,
     FrozenEmbeddingError,
     MissingGradientError,
+    ReentrantCheckpointError,
 )
 from .methods import FGM, PGD, FreeLB, GradientPenalty
 
@@ -28,5 +29,6 @@ __all__ = [
     "FrozenEmbeddingError",
     "GradientPenalty",
     "MissingGradientError",
+    "ReentrantCheckpointError",
     "__version__",
 ]

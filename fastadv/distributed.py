@@ -4,8 +4,14 @@ Under DDP every rank holds the whole table and, after backward, the gradient ave
 ranks' batches: its non-zero rows are the union of every rank's token ids, so the ids are
 gathered. Under FSDP2 (``fully_shard``) the table and its averaged gradient are sharded by rows
 (a DTensor, Shard(0)): each rank perturbs the gathered ids that fall in its shard, and one
-all-reduce of the sum of squares gives the global norm. Nothing here is imported by a
-single-process run beyond these functions' first lines.
+all-reduce of the sum of squares gives the global norm. A single-process run imports nothing
+here beyond what ``import torch`` loads, and pays one class-attribute read per lookup.
+
+Which DDP wrapper a model runs under is learnt from the model given to fastadv (the wrapper or a
+model holding one), from ``bind_data_parallel``, or else from the forward pass itself: the
+embedding hooks call :func:`data_parallel_forward` on every lookup, so the order in which the
+adversary and the wrapper are built does not matter (``FGM(model)`` then ``DDP(model)``, or
+``FGM(ddp_model.module)``).
 """
 
 from __future__ import annotations
@@ -14,18 +20,38 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel  # loaded by `import torch` already
+
+# DDP sets this private class attribute (TorchDynamo's DDPOptimizer reads it) to itself around its
+# wrapped module's forward, `no_sync()` included: earlier releases reset it to None afterwards,
+# 2.13 restores the outer wrapper's (nested DDP). Not set when DDP runs its Python reducer (compiled
+# autograd) or delays every all-reduce; a torch without it leaves the warning at the first attack.
+_ACTIVE_DDP = "_active_ddp_module"
+DDP_FORWARD_VISIBLE = hasattr(DistributedDataParallel, _ACTIVE_DDP)
 
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def process_group_initialized() -> bool:
+    """torch.distributed is running: a DDP wrapper may exist, though fastadv has not seen it yet."""
+    return _distributed()
+
+
+def data_parallel_forward() -> nn.Module | None:
+    """The DistributedDataParallel wrapper whose forward is running now, else None.
+
+    Called by the embedding hooks at every lookup: one class-attribute read, so a model outside DDP
+    pays nothing measurable. None also where torch does not say (see ``DDP_FORWARD_VISIBLE``).
+    """
+    return getattr(DistributedDataParallel, _ACTIVE_DDP, None)
+
+
 def data_parallel_wrapper(model: nn.Module) -> nn.Module | None:
     """The DistributedDataParallel wrapper of ``model`` (it, or a submodule), or None."""
     if not _distributed():
         return None
-    from torch.nn.parallel import DistributedDataParallel
-
     for module in model.modules():
         if isinstance(module, DistributedDataParallel):
             return module
@@ -40,11 +66,8 @@ def data_parallel_group(model: nn.Module) -> object | None:
 
 def unwrap_data_parallel(model: nn.Module) -> tuple[str, nn.Module]:
     """(prefix, module) of the model inside a DDP wrapper, e.g. ("module.", bert); ("", model) otherwise."""
-    if _distributed():
-        from torch.nn.parallel import DistributedDataParallel
-
-        if isinstance(model, DistributedDataParallel):
-            return "module.", model.module
+    if _distributed() and isinstance(model, DistributedDataParallel):
+        return "module.", model.module
     return "", model
 
 
@@ -121,14 +144,21 @@ def all_reduce_sum(t: torch.Tensor, group: object) -> torch.Tensor:
 
 
 def warn_if_unwrapped_data_parallel(group: object | None) -> str | None:
-    """A warning's text when ranks train together but no DDP wrapper says how they share gradients."""
+    """A warning's text when ranks train together but no DDP wrapper (nor FSDP2 shard) says how they share
+    gradients: the model given to fastadv is not one, and no lookup ran inside a DDP forward so far."""
     if group is not None or not _distributed() or torch.distributed.get_world_size() == 1:
         return None
+    how = (
+        "no embedding lookup ran inside a DistributedDataParallel forward so far"
+        if DDP_FORWARD_VISIBLE
+        else f"this torch ({torch.__version__}) does not say which DistributedDataParallel forward is running "
+        f"(DistributedDataParallel.{_ACTIVE_DDP} is gone), so fastadv cannot find the wrapper by itself"
+    )
     return (
-        "torch.distributed is initialized, but the model given to fastadv is not wrapped in "
-        "DistributedDataParallel, so each rank perturbs the rows of its own batch only. If gradients are "
-        "averaged across ranks, build it on the DDP-wrapped model, or call bind_data_parallel(ddp_model), so "
-        "the rows of every rank's batch are perturbed."
+        "torch.distributed runs several ranks, but fastadv knows of no DistributedDataParallel wrapper: the model "
+        f"given to it is not one, and {how}. Each rank perturbs the rows of its own batch only. If gradients are "
+        "averaged across ranks, build the adversary on the DDP-wrapped model, or call bind_data_parallel(ddp_model), "
+        "so the rows of every rank's batch are perturbed."
     )
 
 

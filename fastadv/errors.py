@@ -21,6 +21,10 @@ class AttackStateError(FastAdvError):
     """attack() twice without restore(), or restore() without attack()."""
 
 
+class ReentrantCheckpointError(FastAdvError):
+    """A pass that needs dL/de through torch.autograd.grad met reentrant activation checkpointing."""
+
+
 class BackendError(FastAdvError):
     """The backend asked for through FASTADV_BACKEND cannot run on these tensors."""
 

@@ -25,61 +25,80 @@ from torch.autograd.graph import get_gradient_edge
 
 from .distributed import all_reduce_sum, average_rows_over_ranks
 from .errors import MissingGradientError
+from .lookups import lookup_scale, on_output, raw_gradient
 from .ops import RowSet, gather_rows, rows_l2_norm, segment_sum_by_id
 from .ops.backend import Backend
 
 
 class OutputTarget:
-    """The output of one nn.Embedding, perturbed in a forward hook while attacking.
+    """The lookups of one table, perturbed in forward hooks on the modules that look it up.
 
-    It keeps dL/de of the current micro-batch: every lookup's output gradient is captured by a
-    tensor hook, and the first forward pass with gradients after a capture starts a new
-    micro-batch. The adversarial pass (while attacking) captures nothing, unless
-    ``capture_perturbed`` is set (PGD ascends along the gradient at the perturbed point).
+    Every module named (T5, BART: the encoder's and the decoder's) gets the same per-id delta, as
+    weight rows would give them. The delta lives on the raw lookup ``weight[ids]``: a module that
+    scales its lookup (Gemma's, BART's ``*ScaledWordEmbedding``) gets ``scale * delta`` on its
+    output, and its dL/d(output) is taken back to the raw lookup (see fastadv.lookups).
+
+    It keeps dL/de of the last backward pass that reached the lookups: each lookup's output
+    gradient is captured by a tensor hook, and the first capture after a forward pass with
+    gradients starts a new set (a forward without a backward, e.g. a metric computed with
+    gradients on, changes nothing). The adversarial pass (while attacking) captures nothing,
+    unless ``capture_perturbed`` is set (PGD ascends along the gradient at the perturbed point).
     """
 
-    def __init__(self, name: str, module: nn.Embedding, share_rows: bool) -> None:
+    def __init__(self, name: str, modules: list[nn.Embedding], share_rows: bool) -> None:
         self.name = name
-        self.module = module
-        self.param = module.weight  # identity and device only: never written
+        self.modules = list(modules)
+        self.param = modules[0].weight  # identity and device only: never written
         self.share_rows = share_rows
         self.capture_perturbed = False
         self.group: object | None = None  # data-parallel ranks whose gradients are averaged (DDP, FSDP2)
-        self._captured: Lookups = []  # (ids, dL/de) per lookup
-        self._capture_complete = False
+        paddings = {m.padding_idx for m in self.modules}
+        # One padding row for all the modules, or None and each lookup's padding positions zeroed
+        self._padding_idx = paddings.pop() if len(paddings) == 1 else None
+        self._captured: Lookups = []  # (ids, dL/d(raw lookup)) per lookup, of the last backward pass
+        self._forward_since_capture = True
         self._grad: torch.Tensor | None = None  # set by prepare(): the gradient rows
         self._grad_set: RowSet | None = None  # and where they live
         self._rows: RowSet | None = None  # set while attacking: the slots of delta
-        self._delta: torch.Tensor | None = None  # fp32 [N, d], added in the forward hook
+        self._delta: torch.Tensor | None = None  # fp32 [N, d], added in the forward hooks
         self._shape: torch.Size | None = None  # share_rows=False: the batch's ids shape
-        self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.modules]
 
     def __repr__(self) -> str:
-        return f"OutputTarget({self.name!r}, share_rows={self.share_rows})"
+        return f"OutputTarget({self.name!r}, modules={len(self.modules)}, share_rows={self.share_rows})"
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     # ------------------------------------------------------------ hooks
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         ids = (args[0] if args else kwargs["input"]).detach()
         armed = self._delta is not None
+        capture = torch.is_grad_enabled() and (not armed or self.capture_perturbed)
+        if not (armed or capture):
+            return None
+        scale = lookup_scale(module, ids, output)
         replaced = None
-        if torch.is_grad_enabled() and (not armed or self.capture_perturbed):
-            if self._capture_complete:  # a new micro-batch: the previous one's gradients are spent
-                self._captured.clear()
-                self._capture_complete = False
+        if capture:
+            self._forward_since_capture = True
             if not output.requires_grad:  # frozen table: the output becomes a leaf whose gradient we read
                 output = replaced = output.detach().requires_grad_()
-            output.register_hook(lambda grad: self._capture(ids, grad))
+            padding = module.padding_idx if self._padding_idx is None else None
+            output.register_hook(lambda grad: self._capture(ids, raw_gradient(grad, scale), padding))
         if armed:
-            return output + self._perturbation(ids).to(output.dtype)
+            return output + on_output(self._perturbation(ids), scale).to(output.dtype)
         return replaced
 
-    def _capture(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+    def _capture(self, ids: torch.Tensor, grad: torch.Tensor, padding_idx: int | None) -> None:
+        if self._forward_since_capture:  # the first capture of a backward pass: the earlier ones are spent
+            self._captured.clear()
+            self._forward_since_capture = False
+        if padding_idx is not None:  # modules that disagree on the padding row: zero this one's here
+            grad = torch.where((ids == padding_idx)[..., None], 0.0, grad)
         self._captured.append((ids, grad.detach()))
-        self._capture_complete = True
 
     # ------------------------------------------------------------ the attack
 
@@ -89,19 +108,20 @@ class OutputTarget:
     def prepare(self, backend: Backend, lookups: Lookups | None = None, average_over_ranks: bool = False) -> None:
         """Sum dL/de per token id (or keep it per position); raises before anything changes.
 
-        ``lookups`` (ids, dL/de) replaces the captured gradient (PGD's intermediate passes). While
-        attacking, the gradient is re-addressed to the slots of the current delta. Output mode
-        always uses this rank's own micro-batch gradient, so ``average_over_ranks`` changes nothing.
+        ``lookups`` (ids, dL/d(raw lookup)) replaces the captured gradient (PGD's intermediate
+        passes). While attacking, the gradient is re-addressed to the slots of the current delta.
+        Output mode always uses this rank's own micro-batch gradient, so ``average_over_ranks``
+        changes nothing.
         """
         lookups = self._captured if lookups is None else lookups
         if not lookups:
             raise MissingGradientError(
-                f"no gradient reached the output of '{self.name}' since its last forward pass. Call "
+                f"no gradient reached the lookups of '{self.name}' since fastadv started watching them. Call "
                 "loss.backward() on the clean loss before attack(); if you did, the embedding's output does "
                 "not reach the loss (or the fastadv object was created after the forward pass)."
             )
         vocab = self.param.shape[0]
-        grad_set, grad = gradient_rows(lookups, vocab, self.module.padding_idx, self.share_rows, backend, self.name)
+        grad_set, grad = gradient_rows(lookups, vocab, self._padding_idx, self.share_rows, backend, self.name)
         if self.group is not None and self.share_rows:  # as one process on the whole batch would see it
             ids = torch.cat([i.reshape(-1) for i, _ in lookups])
             grad, grad_set = average_rows_over_ranks(ids, vocab, grad, grad_set, self.group)
@@ -121,7 +141,7 @@ class OutputTarget:
         return all_reduce_sum(norm.square().reshape(1), self.group).sqrt().reshape(())
 
     def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
-        """Arm the forward hook with delta = epsilon * g / norm (or epsilon * sign(g)); 0 when not ``ok``."""
+        """Arm the forward hooks with delta = epsilon * g / norm (or epsilon * sign(g)); 0 when not ``ok``."""
         assert self._grad is not None, "prepare() first"
         g = self._grad.float()
         # One new buffer (the captured gradient itself is not ours to modify); a skip zeroes it.
@@ -146,15 +166,15 @@ class OutputTarget:
         self._grad = None
 
     def restore(self) -> None:
-        """Disarm the hook. Nothing was written, so there is nothing to copy back.
+        """Disarm the hooks. Nothing was written, so there is nothing to copy back.
 
-        The clean pass's gradient stays until the next forward pass with gradients (a new
-        micro-batch), so attack() may run again on it, as weight mode may on ``.grad``.
+        The clean pass's gradient stays until the next backward pass reaches the lookups, so
+        attack() may run again on it, as weight mode may on ``.grad``.
         """
         self._delta = self._rows = self._grad_set = self._shape = None
 
     def _perturbation(self, ids: torch.Tensor) -> torch.Tensor:
-        """delta for each position of ``ids``: [*ids.shape, d]."""
+        """delta for each position of ``ids``: [*ids.shape, d], fp32."""
         assert self._delta is not None and self._rows is not None
         if not self.share_rows:
             if ids.shape != self._shape:
@@ -211,8 +231,10 @@ class EmbeddingOutputs:
     penalty, PGD's intermediate passes): each lookup with gradients is remembered by its token ids
     and its autograd edge, which holds no activations, so ``torch.autograd.grad(loss, edges)``
     gives dL/de, and ``create_graph=True`` its differentiable form. A frozen table's output is
-    made a leaf that requires grad, so the edge exists there too. While ``adding(deltas)`` is
-    active, the i-th lookup gets ``deltas[i]``.
+    made a leaf that requires grad, so the edge exists there too. e is the raw lookup
+    ``weight[ids]``: for a module that scales it, :meth:`raw_gradients` takes dL/d(output) there,
+    and a delta given to :meth:`adding` is scaled onto the output (see fastadv.lookups). While
+    ``adding(deltas)`` is active, the i-th lookup gets ``deltas[i]``.
     """
 
     RECENT = 32  # lookups remembered; older ones belong to passes whose loss is long gone
@@ -220,7 +242,7 @@ class EmbeddingOutputs:
     def __init__(self, name: str, module: nn.Embedding) -> None:
         self.name = name
         self.module = module
-        self._lookups: deque = deque(maxlen=self.RECENT)  # (ids, GradientEdge) per lookup
+        self._lookups: deque = deque(maxlen=self.RECENT)  # (ids, GradientEdge, scale) per lookup
         self._deltas: list[torch.Tensor | None] | None = None
         self._next = 0
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
@@ -235,14 +257,20 @@ class EmbeddingOutputs:
     @property
     def edges(self) -> list:
         """The autograd edge of each recorded lookup's output, oldest first."""
-        return [edge for _, edge in self._lookups]
+        return [edge for _, edge, _ in self._lookups]
 
     @property
     def ids(self) -> list[torch.Tensor]:
         """The token ids of each recorded lookup, in the order of :attr:`edges`."""
-        return [ids for ids, _ in self._lookups]
+        return [ids for ids, _, _ in self._lookups]
+
+    def raw_gradients(self, grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """dL/d(raw lookup) from the dL/d(output) of each recorded lookup (None stays None); differentiable."""
+        scales = [scale for _, _, scale in self._lookups]
+        return [None if g is None else raw_gradient(g, scale) for g, scale in zip(grads, scales, strict=True)]
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        ids = (args[0] if args else kwargs["input"]).detach()
         if self._deltas is not None:
             if self._next >= len(self._deltas):
                 raise RuntimeError(
@@ -258,19 +286,19 @@ class EmbeddingOutputs:
                     f"the perturbed pass looked up '{self.name}' with output shape {tuple(output.shape)}, the clean "
                     f"pass with {tuple(delta.shape)}: the closure must run the same batch both times."
                 )
-            return output + delta.to(output.dtype)
+            return output + on_output(delta, lookup_scale(module, ids, output)).to(output.dtype)
         if not torch.is_grad_enabled():
             return None
+        scale = lookup_scale(module, ids, output)
         replaced = None
         if not output.requires_grad:
             output = replaced = output.detach().requires_grad_()
-        ids = (args[0] if args else kwargs["input"]).detach()
-        self._lookups.append((ids, get_gradient_edge(output)))
+        self._lookups.append((ids, get_gradient_edge(output), scale))
         return replaced
 
     @contextmanager
     def adding(self, deltas: list[torch.Tensor | None]) -> Iterator[None]:
-        """Add ``deltas[i]`` to the i-th lookup inside the block (None: add nothing)."""
+        """Add ``deltas[i]`` (on the raw lookup) to the i-th lookup inside the block (None: add nothing)."""
         self._deltas, self._next = deltas, 0
         try:
             yield

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal, Union
 
 import torch
@@ -18,32 +20,31 @@ from torch import nn
 from .distributed import (
     all_reduce_sum,
     average_rows_over_ranks,
+    data_parallel_forward,
     data_parallel_group_of_shard,
     gather_ids,
     row_shard,
     unwrap_data_parallel,
 )
 from .errors import EmbeddingNotFoundError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
+from .lookups import embedding_modules, table_modules
 from .ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore
-from .ops.backend import Backend
+from .ops.backend import Backend, resolve_backend
 from .output_target import Lookups, OutputTarget, gradient_rows
 
 OUTPUT_MODE_HINT = "perturb the embedding's output instead of its weight with target='output' (or 'auto')"
 TargetMode = Literal["auto", "weight", "output"]
 Target = Union["WeightTarget", OutputTarget]
 logger = logging.getLogger("fastadv")
+_ENGINE = torch.autograd.Variable._execution_engine  # queue_callback: run fn at the end of this backward
 
 
 # ---------------------------------------------------------------- finding the embedding
 
 
-def _embedding_modules(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Embedding)]
-
-
 def embedding_like_names(model: nn.Module) -> list[str]:
     """Parameter names that look like embeddings: nn.Embedding weights and names with emb/wte/tok."""
-    names = {f"{n}.weight" if n else "weight" for n, _ in _embedding_modules(model)}
+    names = {f"{n}.weight" if n else "weight" for n, _ in embedding_modules(model)}
     names |= {n for n, _ in model.named_parameters() if any(k in n.lower() for k in ("emb", "wte", "tok"))}
     return sorted(names)
 
@@ -51,24 +52,31 @@ def embedding_like_names(model: nn.Module) -> list[str]:
 def find_input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
     """The model's input embedding: ``get_input_embeddings()`` where it has one, else its single nn.Embedding.
 
+    Looks through DistributedDataParallel and nn.DataParallel wrappers, and through PEFT's wrappers
+    (``get_input_embeddings()`` of a model with ``modules_to_save=["embed_tokens"]`` returns a
+    wrapper whose active copy is the embedding forward calls).
+
     Returns:
         (module name, module). Raises EmbeddingNotFoundError when there is none or several.
     """
     prefix, inner = unwrap_data_parallel(model)
+    if inner is model and isinstance(model, nn.DataParallel):
+        prefix, inner = "module.", model.module
     if inner is not model:
         name, module = find_input_embedding(inner)
         return prefix + name, module
+    candidates = embedding_modules(model)
     getter = getattr(model, "get_input_embeddings", None)
     if callable(getter):
         try:
-            module = getter()
+            found = getter()
         except NotImplementedError:
-            module = None
-        if isinstance(module, nn.Embedding):
-            for name, m in model.named_modules():
-                if m is module:
-                    return name, module
-    candidates = _embedding_modules(model)
+            found = None
+        if isinstance(found, nn.Module):
+            inside = {id(m) for m in found.modules()}
+            within = [(n, m) for n, m in candidates if id(m) in inside]
+            if len(within) == 1:  # the module itself, or the one a wrapper runs (PEFT, LoRA's base_layer)
+                return within[0]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
@@ -89,35 +97,145 @@ def shared_parameter_names(model: nn.Module, param: nn.Parameter) -> list[str]:
     return [n for n, p in model.named_parameters(remove_duplicate=False) if p is param]
 
 
+def tied_names(model: nn.Module, weight: nn.Parameter) -> list[str]:
+    """The names under which a table's weight serves something other than a lookup (an output
+    projection tied to it, as GPT-2's lm_head): weight rows perturbed would perturb those too."""
+    lookups = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    return [n for n in shared_parameter_names(model, weight) if n not in lookups]
+
+
+@dataclass(frozen=True)
+class TableLookups:
+    """A table and the modules whose lookups of it are to be perturbed.
+
+    Attributes:
+        name: the weight's name (the first under which the model lists it).
+        weight: the table, [V, d].
+        modules: (name, module) of the lookups named, in model order.
+        every_lookup: whether ``modules`` are all the modules that look the table up (weight rows
+            perturb every lookup; output mode can perturb a subset).
+    """
+
+    name: str
+    weight: nn.Parameter
+    modules: tuple[tuple[str, nn.Embedding], ...]
+    every_lookup: bool
+
+    @property
+    def module_names(self) -> str:
+        return ", ".join(f"'{n}'" for n, _ in self.modules)
+
+
+def input_table(model: nn.Module) -> TableLookups:
+    """The input embedding's table with every module that looks it up (T5, BART: the encoder's and the
+    decoder's, besides ``shared``, which forward never calls)."""
+    module_name, module = find_input_embedding(model)
+    modules = table_modules(model, module.weight) or [(module_name, module)]
+    names = shared_parameter_names(model, module.weight)
+    return TableLookups(names[0] if names else f"{module_name}.weight", module.weight, tuple(modules), True)
+
+
+def match_parameters(
+    model: nn.Module, emb_name: str
+) -> tuple[list[TableLookups | tuple[str, nn.Parameter]], list[str]]:
+    """The parameters whose name contains ``emb_name``, as the snippet matches them, aliases included.
+
+    A table shared by several modules is listed under each module's name as well (T5's
+    'encoder.embed_tokens.weight' is 'shared.weight'): a match through a module's name names that
+    module's lookups; a match through the table's own (first) name names all of them.
+
+    Returns:
+        (matches in the model's order: a TableLookups for each table, (name, parameter) for any
+        other parameter; the names matched that forward never looks up: PEFT's idle copies).
+    """
+    if not isinstance(emb_name, str) or not emb_name:
+        raise EmbeddingNotFoundError(f"emb_name must be a non-empty string or None, found {emb_name!r}.")
+    first_names: dict[int, str] = {}
+    matched: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first_names.setdefault(id(param), name)
+        if emb_name in name:
+            matched.setdefault(id(param), (param, []))[1].append(name)
+    running = {id(m) for _, m in embedding_modules(model)}
+    entries: list[TableLookups | tuple[str, nn.Parameter]] = []
+    idle: list[str] = []
+    for key, (param, names) in matched.items():
+        users = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.weight is param]
+        if not users:
+            entries.append((first_names[key], param))
+            continue
+        modules = [(n, m) for n, m in users if id(m) in running]
+        if not modules:
+            idle += names
+            continue
+        named = [(n, m) for n, m in modules if (f"{n}.weight" if n else "weight") in names]
+        every = first_names[key] in names or not named
+        chosen = modules if every else named
+        entries.append(TableLookups(first_names[key], param, tuple(chosen), len(chosen) == len(modules)))
+    return entries, idle
+
+
+def named_tables(model: nn.Module, emb_name: str | None, method: str) -> list[TableLookups]:
+    """The tables (with the lookups named) a method acting on embedding outputs perturbs: the input
+    embedding's (emb_name None), or each table ``emb_name`` names (see :func:`match_parameters`).
+    ``method`` names the caller in the error raised when there is none."""
+    if emb_name is None:
+        return [input_table(model)]
+    entries, idle = match_parameters(model, emb_name)
+    tables = [e for e in entries if isinstance(e, TableLookups)]
+    if not tables:
+        found = ", ".join(f"'{n}.weight'" for n, _ in embedding_modules(model)) or "none"
+        never = f" ({', '.join(repr(n) for n in idle)} are never looked up: PEFT's frozen originals)" if idle else ""
+        raise EmbeddingNotFoundError(
+            f"emb_name={emb_name!r} matches no embedding table of {type(model).__name__}{never}. {method} "
+            f"perturbs embedding lookups: pass a substring of one of {found}, or None for the input embedding."
+        )
+    return tables
+
+
 # ---------------------------------------------------------------- which rows have a gradient
 
 
 class LookupRecorder:
     """Records the token ids of each lookup into one table whose gradient reached the table.
 
-    Invariant: every row with a non-zero gradient in ``weight.grad`` is among the recorded ids.
-    An id enters when its lookup's output gradient is computed (so forwards without a backward
-    never count), and the record starts afresh at the first backward after ``.grad`` was set to
-    None following an accumulation, as ``zero_grad()`` does. Under gradient accumulation the ids
-    of every micro-batch since then stay, as their gradients do. A superset is always exact (extra
-    rows have a zero gradient), only slower: with ``zero_grad(set_to_none=False)`` the record
-    keeps growing, and is compacted (one host sync) whenever it exceeds ``compact_at`` ids.
+    Invariant: every row with a non-zero gradient in ``weight.grad`` is among the recorded ids (a
+    superset is exact, the extra rows' gradient being zero, only slower). An id enters when its
+    lookup's output gradient is computed, so forwards without a backward never count; under
+    gradient accumulation the ids of every micro-batch stay, as their gradients do. At each
+    backward, ``.grad`` is compared with what it was at the end of the previous one (after DDP
+    wrote its average into it):
+
+    - set to None (``zero_grad()``): no row has a gradient, so the record starts afresh;
+    - written in place or replaced (its ``_version`` moved, or it is another tensor): zeroed by
+      ``zero_grad(set_to_none=False)``, or scaled by ``clip_grad_norm_`` between micro-batches, or
+      put back by PGD's ``restore_grad()``. The ids recorded so far stay until the sum of squares
+      of their rows, taken on the device at that moment, reads 0 (a zeroed row stays zero until a
+      backward records it again). On CUDA it is read without a sync, once an event says the device
+      has computed it (usually by the next step); on other devices at once.
+
+    Should the record keep growing all the same (a zeroing the version counter does not see, as
+    ``p.grad.data.zero_()``; an FSDP2 shard, whose rows no rank can check alone; a very long
+    accumulation), it is compacted (one host sync) whenever it exceeds ``compact_at`` ids.
     """
 
     # Ids kept before compacting: 64k plus 4 per row (a few MB), far above one reset-to-reset
-    # cycle of ordinary training, so compaction means the gradient is not being set to None.
+    # cycle of ordinary training, so compaction means the gradient's resets are not being seen.
     COMPACT_FLOOR = 65536
 
     def __init__(self, weight: nn.Parameter) -> None:
         self.weight = weight
-        self._ids: list[torch.Tensor] = []
-        self._count = 0
-        self._accumulated_since_reset = False
+        self._ids: list[torch.Tensor] = []  # ids whose rows may hold a gradient
+        self._checking: list[tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = []  # CUDA: (ids, any row
+        # non-zero, in pinned host memory, the event after which it may be read), oldest first
+        self._count = 0  # ids in both
+        self._seen: tuple[weakref.ref | None, int] = (None, 0)  # .grad and its version after the last backward
         self._warned_growth = False
         self.compact_at = self.COMPACT_FLOOR + 4 * weight.shape[0]
         self.padding_idx: int | None = None  # of the modules looking it up (they agree in practice)
         self._handles: list = []
-        self._watching_accumulation = False  # registered at the first lookup that needs a gradient
+        self.data_parallel: nn.Module | None = None  # the DDP wrapper whose forward last looked the table up
+        self.looked_up = False  # whether any forward pass has looked the table up
 
     def attach(self, module: nn.Module) -> None:
         """Record the lookups of ``module`` (an nn.Embedding whose weight is ``self.weight``)."""
@@ -129,50 +247,118 @@ class LookupRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._watching_accumulation = False
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        self.looked_up = True
+        if (wrapper := data_parallel_forward()) is not None:  # frozen tables too: output mode needs the group
+            self.data_parallel = wrapper
         if not (torch.is_grad_enabled() and self.weight.requires_grad and isinstance(output, torch.Tensor)):
             return
-        if not self._watching_accumulation:  # a frozen weight refuses this hook, so it waits until now
-            self._handles.append(self.weight.register_post_accumulate_grad_hook(self._on_accumulate))
-            self._watching_accumulation = True
         ids = (args[0] if args else kwargs["input"]).detach()
         output.register_hook(lambda grad: self._on_backward(ids))
 
     def _on_backward(self, ids: torch.Tensor) -> None:
-        if self.weight.grad is None and self._accumulated_since_reset:
-            self._ids.clear()
-            self._count = 0
-            self._accumulated_since_reset = False
+        # Before this backward accumulates into the table: its gradient is still what was left of the last one.
+        self._check_gradient()
         self._ids.append(ids.reshape(-1))
         self._count += ids.numel()
         if self._count > self.compact_at:
             self._compact()
+        # At the end of this backward, after DDP's own final callback (which writes the averaged gradient
+        # into .grad): a callback queued from a final callback runs after every one queued before it.
+        _ENGINE.queue_callback(lambda: _ENGINE.queue_callback(self._remember_gradient))
 
-    def _on_accumulate(self, param: torch.Tensor) -> None:
-        self._accumulated_since_reset = True
+    def _remember_gradient(self) -> None:
+        grad = self.weight.grad
+        self._seen = (None, 0) if grad is None else (weakref.ref(grad), grad._version)
+
+    def _check_gradient(self) -> None:
+        """Trim the record when ``.grad`` changed since the end of the last backward (see the class docstring)."""
+        self._collect_checks()
+        grad = self.weight.grad
+        seen, version = self._seen
+        if grad is None:
+            changed = seen is not None
+        else:
+            changed = seen is None or seen() is not grad or grad._version != version
+        if not changed:
+            return
+        if grad is None or grad.is_sparse:  # no gradient left; or one that names its own rows (unread here)
+            self._ids, self._checking, self._count = [], [], 0
+        elif self._ids and type(grad).__name__ != "DTensor":  # a shard holds some rows only: keep them all
+            self._check_rows(grad)
+        self._remember_gradient()
+
+    def _check_rows(self, grad: torch.Tensor) -> None:
+        """Keep the recorded ids only if a row of theirs is non-zero in ``grad``, without a host sync on CUDA.
+
+        One fp32 sum of squares over their rows: 0 when they were zeroed, and a zero row stays zero
+        until a backward records it again. (Rows whose every value is below ~1e-19 also square to 0:
+        they are as good as zero to the attack's own fp32 norm.) NaN/Inf keep them.
+        """
+        ids = self._ids[0] if len(self._ids) == 1 else torch.cat(self._ids)
+        self._ids = []
+        rows = row_set_from_ids(ids, self.weight.shape[0])
+        alive = rows_l2_norm(_as_matrix(grad), rows, resolve_backend(grad.device)) != 0
+        if not grad.is_cuda:
+            if alive:
+                self._ids.append(ids)
+            else:
+                self._count -= ids.numel()
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(alive, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self._checking.append((ids, host, ready))
+
+    def _collect_checks(self) -> None:
+        """Drop the ids whose rows the device has found zero, put back those it found non-zero; never waits."""
+        while self._checking and self._checking[0][2].query():
+            ids, alive, _ = self._checking.pop(0)
+            if alive:
+                self._ids.append(ids)
+            else:
+                self._count -= ids.numel()
 
     def _compact(self) -> None:
-        unique = torch.unique(torch.cat(self._ids))
-        self._ids = [unique]
+        unique = torch.unique(self.ids())
+        self._ids, self._checking = [unique], []
         self._count = unique.numel()
         if not self._warned_growth:
             self._warned_growth = True
             warnings.warn(
-                f"fastadv has recorded over {self.compact_at} token ids since the embedding's gradient was "
-                "last set to None, as happens with zero_grad(set_to_none=False). Results stay exact, but "
-                "attack() touches every row seen since, and the record is compacted with a host sync. "
-                "Use zero_grad() (set_to_none=True, the default) for the fast path.",
+                f"fastadv has recorded over {self.compact_at} token ids since it last saw the embedding's "
+                "gradient reset: neither set to None (zero_grad()) nor zeroed where torch's version counter "
+                "shows it (zero_grad(set_to_none=False) does; p.grad.data.zero_() does not), or sharded by FSDP2, "
+                "or accumulated over that many micro-batches. Results stay exact, but attack() touches every row "
+                "seen since, and the record is compacted with a host sync. Zero the gradients with zero_grad() "
+                "for the fast path.",
                 FastAdvWarning,
                 stacklevel=2,
             )
 
     def ids(self) -> torch.Tensor | None:
-        """The recorded ids, 1-D, duplicates included (None when nothing was recorded since the last reset)."""
-        if not self._ids:
+        """The recorded ids, 1-D, duplicates included (None when nothing was recorded since the last reset).
+
+        Ids whose check is still running on the device are included: a superset is exact."""
+        self._collect_checks()
+        parts = self._ids + [ids for ids, _, _ in self._checking]
+        if not parts:
             return None
-        return self._ids[0] if len(self._ids) == 1 else torch.cat(self._ids)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def add_ids(self, ids: torch.Tensor | None) -> None:
+        """Count the rows of ``ids`` as holding a gradient again: a gradient saved with them was put back
+        in ``.grad`` (PGD's restore_grad())."""
+        if ids is not None:
+            self._ids.append(ids)
+            self._count += ids.numel()
+
+    @property
+    def count(self) -> int:
+        """How many ids the record holds (duplicates included, those being checked too): what attack() sorts."""
+        return self._count
 
     def row_set(self) -> RowSet | None:
         """The recorded rows (None when nothing was recorded since the last reset)."""
@@ -188,7 +374,9 @@ def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:
     gradient costs one tensor hook and one list append; other lookups cost a flag check.
     """
     recorders: dict[int, LookupRecorder] = {}
-    for _, module in _embedding_modules(model):
+    for module in model.modules():  # PEFT's idle copies too: an adapter switch may make one active
+        if not isinstance(module, nn.Embedding):
+            continue
         weight = module.weight
         recorder = recorders.get(id(weight))
         if recorder is None:
@@ -266,8 +454,16 @@ class WeightTarget:
         else:
             grad = self.param.grad
             if grad is None:
+                never = (
+                    f" If you did: no forward pass has looked '{self.name}' up since fastadv began watching, so the "
+                    "model's forward uses another embedding (get_input_embeddings() may return a module forward "
+                    "never calls, as BART's `shared` with tie_word_embeddings=False). Pass emb_name= naming the "
+                    "embedding forward uses, e.g. emb_name='encoder.embed_tokens'."
+                    if self.recorder is not None and not self.recorder.looked_up
+                    else ""
+                )
                 raise MissingGradientError(
-                    f"'{self.name}' has no gradient: call loss.backward() on the clean loss before attack()."
+                    f"'{self.name}' has no gradient: call loss.backward() on the clean loss before attack().{never}"
                 )
             if self.shard is not None:
                 grad = grad.to_local()
@@ -376,30 +572,33 @@ def resolve_targets(
     recorders: dict[int, LookupRecorder],
     mode: TargetMode = "weight",
     share_rows: bool = True,
-    outputs: dict[int, OutputTarget] | None = None,
+    outputs: dict[object, OutputTarget] | None = None,
     group: object | None = None,
 ) -> list[Target]:
     """The places to perturb.
 
-    emb_name None: the input embedding. Otherwise, as the snippet does, every parameter whose name
-    contains ``emb_name``: embedding tables on their touched rows (weight mode) or their output
-    (output mode), any other trainable parameter (e.g. a LayerNorm weight under emb_name='emb')
-    whole, in weight mode. ``mode='auto'`` keeps weight rows where that is valid and exact
-    (trainable, not tied, unsharded or sharded by rows as FSDP2 does) and perturbs the output
-    elsewhere, logged once at INFO.
-    ``outputs`` caches one OutputTarget (one hook) per module across calls. ``group``: the DDP
-    process group that averages the gradients (see fastadv.distributed).
+    emb_name None: the input embedding's table, at every module that looks it up. Otherwise, as the
+    snippet does, every parameter whose name contains ``emb_name`` (see :func:`match_parameters`):
+    embedding tables on their touched rows (weight mode) or at their lookups' outputs (output mode),
+    any other trainable parameter (e.g. a LayerNorm weight under emb_name='emb') whole, in weight
+    mode. ``mode='auto'`` keeps weight rows where that is valid and exact (trainable, not tied to an
+    output projection, every lookup named, unsharded or sharded by rows as FSDP2 does) and perturbs
+    the lookups' outputs elsewhere, logged at INFO.
+    ``outputs`` caches one OutputTarget (one set of hooks) per table and modules across calls.
+    ``group``: the DDP process group that averages the gradients (see fastadv.distributed).
     """
     outputs = {} if outputs is None else outputs
-    tables = {id(m.weight): (n, m) for n, m in _embedding_modules(model)}
     if emb_name is None:
-        module_name, module = find_input_embedding(model)
-        matched = [(f"{module_name}.weight" if module_name else "weight", module.weight)]
+        entries: list[TableLookups | tuple[str, nn.Parameter]] = [input_table(model)]
     else:
-        if not isinstance(emb_name, str) or not emb_name:
-            raise EmbeddingNotFoundError(f"emb_name must be a non-empty string, found {emb_name!r}.")
-        matched = [(n, p) for n, p in model.named_parameters() if emb_name in n]
-        if not matched:
+        entries, idle = match_parameters(model, emb_name)
+        if not entries:
+            if idle:
+                raise EmbeddingNotFoundError(
+                    f"emb_name={emb_name!r} matches only {', '.join(repr(n) for n in idle)}, which forward never "
+                    "looks up (PEFT keeps the frozen original beside the trained copy of modules_to_save). Name the "
+                    "copy in use (its name has 'modules_to_save'), or pass emb_name=None for the input embedding."
+                )
             found = ", ".join(f"'{n}'" for n in embedding_like_names(model)) or "none"
             raise EmbeddingNotFoundError(
                 f"emb_name={emb_name!r} matches no parameter of {type(model).__name__}, so nothing would be "
@@ -407,9 +606,9 @@ def resolve_targets(
                 "emb_name=None for the input embedding."
             )
     targets: list[Target] = []
-    for name, param in matched:
-        table = tables.get(id(param))
-        if table is None:  # not an embedding table: perturbed whole, in weight mode, as the snippet does
+    for entry in entries:
+        if not isinstance(entry, TableLookups):  # not an embedding table: perturbed whole, as the snippet does
+            name, param = entry
             if not param.requires_grad:
                 continue
             if mode == "output":
@@ -419,19 +618,24 @@ def resolve_targets(
                 )
             targets.append(WeightTarget(name, param, None, group))
             continue
-        reason = _output_mode_reason(model, param) if mode != "weight" else None
+        table = entry
+        reason = _output_mode_reason(model, table) if mode != "weight" else None
         if mode == "output" or reason is not None:
             if mode == "auto":
-                logger.info("fastadv: perturbing the output of '%s' (target='output'): %s.", name, reason)
-            module = table[1]
-            if id(module) not in outputs:
-                outputs[id(module)] = OutputTarget(name, module, share_rows)
-            outputs[id(module)].group = group or data_parallel_group_of_shard(param)
-            targets.append(outputs[id(module)])
-        elif param.requires_grad or emb_name is None:
-            targets.append(WeightTarget(name, param, _recorder_of_table(name, param, recorders), group))
+                logger.info(
+                    "fastadv: perturbing the lookups of '%s' in %s (target='output'): %s.",
+                    table.name, table.module_names, reason,
+                )  # fmt: skip
+            key = (id(table.weight), *(id(m) for _, m in table.modules))
+            if key not in outputs:
+                outputs[key] = OutputTarget(table.name, [m for _, m in table.modules], share_rows)
+            outputs[key].group = group or data_parallel_group_of_shard(table.weight)
+            targets.append(outputs[key])
+        elif table.weight.requires_grad or emb_name is None:
+            recorder = _recorder_of_table(table.name, table.weight, recorders)
+            targets.append(WeightTarget(table.name, table.weight, recorder, group))
     if not targets:
-        names = ", ".join(f"'{n}'" for n, _ in matched)
+        names = ", ".join(f"'{e.name if isinstance(e, TableLookups) else e[0]}'" for e in entries)
         raise FrozenEmbeddingError(
             f"emb_name={emb_name!r} matches only frozen parameters ({names}), so nothing would be perturbed. "
             f"Unfreeze them with requires_grad_(True), or {OUTPUT_MODE_HINT}."
@@ -441,17 +645,19 @@ def resolve_targets(
     return targets
 
 
-def _output_mode_reason(model: nn.Module, weight: nn.Parameter) -> str | None:
+def _output_mode_reason(model: nn.Module, table: TableLookups) -> str | None:
     """Why weight-row perturbation would be wrong for this table (None when it is valid and exact)."""
-    if not weight.requires_grad:
+    if not table.weight.requires_grad:
         return "the embedding is frozen, so its weight has no gradient"
     try:
-        row_shard(weight)
+        row_shard(table.weight)
     except ValueError as err:
         return str(err)
-    names = shared_parameter_names(model, weight)
-    if len(names) > 1:
-        return f"the embedding is tied to {', '.join(repr(n) for n in names[1:])}, which weight rows would perturb too"
+    tied = tied_names(model, table.weight)
+    if tied:
+        return f"the embedding is tied to {', '.join(repr(n) for n in tied)}, which weight rows would perturb too"
+    if not table.every_lookup:
+        return f"only the lookups in {table.module_names} are named, and weight rows would perturb every lookup"
     return None
 
 
@@ -468,10 +674,10 @@ def _recorder_of_table(name: str, weight: nn.Parameter, recorders: dict[int, Loo
 
 
 def tied_targets(model: nn.Module, targets: list[Target]) -> Iterator[tuple[WeightTarget, list[str]]]:
-    """Row targets whose weight is also used under another name (tied input/output embeddings)."""
+    """Row targets whose weight also serves as something other than a lookup (tied input/output
+    embeddings), with every name the weight has."""
     for target in targets:
         if not isinstance(target, WeightTarget) or target.recorder is None:
             continue
-        names = shared_parameter_names(model, target.param)
-        if len(names) > 1:
-            yield target, names
+        if tied_names(model, target.param):
+            yield target, shared_parameter_names(model, target.param)

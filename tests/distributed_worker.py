@@ -52,7 +52,7 @@ def make_adversary(model: torch.nn.Module, method: str):
 
 def schedule(method: str) -> str:
     """How ``train`` drives the adversary: "calls" (the snippet's), "step", or "step_no_sync" (DDP only)."""
-    for word in ("fgm_", "pgd_", "bound_", "frozen_", "positions_"):
+    for word in ("fgm_", "pgd_", "bound_", "before_", "module_", "frozen_", "positions_"):
         method = method.replace(word, "")
     return method
 
@@ -67,40 +67,85 @@ def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def worker(rank: int, world: int, init_file: str, engine: str, method: str, out: str) -> None:
+    """One run of ``method``; rank 0 saves its final weights to ``out``."""
+    worker_cases(rank, world, init_file, engine, {method: out})
+
+
+def worker_cases(rank: int, world: int, init_file: str, engine: str, outs: dict[str, str]) -> None:
+    """A run per method, one after the other in one process group (starting processes costs more than
+    training); rank 0 saves each run's final weights to ``outs[method]``."""
     os.environ["FASTADV_BACKEND"] = "torch"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from models import batches, tiny_bert
-
-        from fastadv import FGM
-
-        model = tiny_bert()
-        if "_frozen" in method:  # as under LoRA/PEFT: fastadv perturbs the lookup's output
-            model.get_input_embeddings().weight.requires_grad_(False)
-        bound_later = "_bound" in method  # built on the bare model, told of DDP after wrapping (as Trainer does)
-        if bound_later:
-            adversary = FGM(model)
-        if engine == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(model)
-        elif engine == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-
-            mesh = init_device_mesh("cpu", (world,))
-            for layer in model.bert.encoder.layer:
-                fully_shard(layer, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        if bound_later:
-            adversary.bind_data_parallel(model)
-        else:
-            adversary = make_adversary(model, method)
-        share = lambda t: t.chunk(world)[rank]  # noqa: E731
-        data = [(share(ids), share(labels)) for ids, labels in batches(3, batch=4)]
-        train(model, adversary, data, schedule(method))
-        state = full_state(model)
-        if rank == 0:
-            torch.save(state, out)
+        for method, out in outs.items():
+            result = CHECKS[method]() if method in CHECKS else run(rank, world, engine, method)
+            if rank == 0:
+                torch.save(result, out)
     finally:
         dist.destroy_process_group()
+
+
+def run(rank: int, world: int, engine: str, method: str) -> dict[str, torch.Tensor]:
+    """Train as ``method`` says on this rank's share of every batch; the final weights.
+
+    Where the adversary is built: on the wrapped model (default); "_bound": on the bare model, told of
+    DDP after wrapping (as Trainer does); "_before": on the bare model, never told (``fgm = FGM(model)``
+    then ``model = DDP(model)``); "_module": on ``ddp_model.module``. The last two find the wrapper in
+    the forward pass.
+    """
+    from models import batches, tiny_bert
+
+    model = tiny_bert()
+    if "_frozen" in method:  # as under LoRA/PEFT: fastadv perturbs the lookup's output
+        model.get_input_embeddings().weight.requires_grad_(False)
+    built_before = "_bound" in method or "_before" in method
+    if built_before:
+        adversary = make_adversary(model, method)
+    if engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+    elif engine == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if "_bound" in method:
+        adversary.bind_data_parallel(model)
+    elif "_module" in method:
+        adversary = make_adversary(model.module, method)
+    elif not built_before:
+        adversary = make_adversary(model, method)
+    share = lambda t: t.chunk(world)[rank]  # noqa: E731
+    data = [(share(ids), share(labels)) for ids, labels in batches(3, batch=4)]
+    train(model, adversary, data, schedule(method))
+    return full_state(model)
+
+
+def warnings_after_no_sync_forward() -> list[str]:
+    """FGM built before DDP wraps the model, whose first forward runs under ``no_sync()``: the attack's
+    warnings (none when that forward told FGM of the wrapper, as any DDP forward does)."""
+    import warnings
+
+    from models import batches, tiny_bert
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fastadv import FGM, FastAdvWarning
+
+    model = tiny_bert()
+    fgm = FGM(model)
+    ddp = DistributedDataParallel(model)
+    ids, labels = batches(1, batch=4)[0]
+    with ddp.no_sync():
+        ddp(input_ids=ids, labels=labels).loss.backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fgm.attack()
+    fgm.restore()
+    return [str(w.message) for w in caught if issubclass(w.category, FastAdvWarning)]
+
+
+CHECKS = {"warnings_after_no_sync_forward": warnings_after_no_sync_forward}  # run by worker_cases by name

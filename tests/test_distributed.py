@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import relative_difference
-from distributed_worker import full_state, make_adversary, schedule, train, worker
+from distributed_worker import full_state, make_adversary, schedule, train, worker, worker_cases
 from models import batches, tiny_bert
 
 WORLD = 2
 
 
 def single_process_state(method: str) -> dict[str, torch.Tensor]:
+    # Where the adversary was built, and no_sync (DDP only), change nothing in one process.
+    for word in ("_bound", "_before", "_module", "_no_sync"):
+        method = method.replace(word, "")
+    return _single_process_state(method)
+
+
+@functools.cache
+def _single_process_state(method: str) -> dict[str, torch.Tensor]:
     model = tiny_bert()
     if "_frozen" in method:
         model.get_input_embeddings().weight.requires_grad_(False)
-    steps_on = schedule(method).removesuffix("_no_sync")  # no_sync exists under DDP only
-    train(model, make_adversary(model, method), batches(3, batch=4), steps_on)
+    train(model, make_adversary(model, method), batches(3, batch=4), schedule(method))
     return full_state(model)
+
+
+def assert_equals_one_process(got: dict[str, torch.Tensor], method: str, engine: str) -> None:
+    want = single_process_state(method)
+    assert got.keys() == want.keys()
+    whole = relative_difference(
+        torch.cat([got[k].flatten() for k in want]), torch.cat([v.flatten() for v in want.values()])
+    )
+    assert whole <= 1e-5, f"{engine}: the model's weights differ by {whole:.3g} (relative)"
+    # Per parameter too, with an absolute floor: attention key biases get no gradient beyond rounding
+    # noise (softmax ignores a shift), so they stay near zero and a relative measure means nothing there.
+    for k in want:
+        assert (got[k] - want[k]).norm() <= 1e-5 * want[k].norm() + 1e-6, f"{engine}: {k} differs"
+    trained = "classifier.weight"
+    assert relative_difference(got[trained], tiny_bert().classifier.weight) > 1e-4, "nothing trained"
 
 
 @pytest.mark.parametrize(
@@ -44,16 +68,41 @@ def test_data_parallel_training_equals_one_process(tmp_path, monkeypatch, engine
     monkeypatch.setenv("FASTADV_BACKEND", "torch")
     out = tmp_path / "rank0.pt"
     mp.spawn(worker, args=(WORLD, str(tmp_path / "init"), engine, method, str(out)), nprocs=WORLD, join=True)
-    got = torch.load(out)
-    want = single_process_state(method)
-    assert got.keys() == want.keys()
-    whole = relative_difference(
-        torch.cat([got[k].flatten() for k in want]), torch.cat([v.flatten() for v in want.values()])
-    )
-    assert whole <= 1e-5, f"{engine}: the model's weights differ by {whole:.3g} (relative)"
-    # Per parameter too, with an absolute floor: attention key biases get no gradient beyond rounding
-    # noise (softmax ignores a shift), so they stay near zero and a relative measure means nothing there.
-    for k in want:
-        assert (got[k] - want[k]).norm() <= 1e-5 * want[k].norm() + 1e-6, f"{engine}: {k} differs"
-    trained = "classifier.weight"
-    assert relative_difference(got[trained], tiny_bert().classifier.weight) > 1e-4, "nothing trained"
+    assert_equals_one_process(torch.load(out), method, engine)
+
+
+# The adversary built before DDP wraps the model ("_before": `fgm = FGM(model); model = DDP(model)`) or on
+# `ddp_model.module` ("_module"), and never told of the wrapper: it finds it in the forward pass. One spawn
+# trains every case (starting the processes costs more than the training).
+ORDER_CASES = [
+    "fgm_before_calls",
+    "fgm_before_step",
+    "pgd_before_calls",
+    "pgd_before_step",
+    "fgm_module_calls",
+    "fgm_module_step",
+    "pgd_module_calls",
+    "pgd_module_step",
+    "fgm_frozen_before_step",  # output mode: the frozen table's lookups name the wrapper too
+    "pgd_frozen_module_step",
+    "fgm_before_step_no_sync",  # the wrapper known from the first step on: no_sync from the second
+]
+NO_SYNC_CHECK = "warnings_after_no_sync_forward"
+
+
+@pytest.fixture(scope="module")
+def ddp_in_any_order(tmp_path_factory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("ddp_order")
+    outs = {case: str(tmp / f"{case}.pt") for case in [*ORDER_CASES, NO_SYNC_CHECK]}
+    mp.spawn(worker_cases, args=(WORLD, str(tmp / "init"), "ddp", outs), nprocs=WORLD, join=True)
+    return {case: torch.load(out) for case, out in outs.items()}
+
+
+@pytest.mark.parametrize("method", ORDER_CASES)
+def test_ddp_found_in_the_forward_equals_one_process(ddp_in_any_order, monkeypatch, method):
+    monkeypatch.setenv("FASTADV_BACKEND", "torch")
+    assert_equals_one_process(ddp_in_any_order[method], method, "ddp")
+
+
+def test_ddp_forward_under_no_sync_names_the_wrapper(ddp_in_any_order):
+    assert ddp_in_any_order[NO_SYNC_CHECK] == [], ddp_in_any_order[NO_SYNC_CHECK]

@@ -96,7 +96,7 @@ def test_misuse():
     model = BagOfEmbeddings().to(DEVICE)
     with pytest.raises(ValueError, match="mode must be"):
         GradientPenalty(model, mode="double")
-    with pytest.raises(EmbeddingNotFoundError, match=r"matches no nn\.Embedding"):
+    with pytest.raises(EmbeddingNotFoundError, match=r"matches no embedding table"):
         GradientPenalty(model, emb_name="word_embeddings")
     gp = GradientPenalty(model)
     with pytest.raises(MissingGradientError, match="does not depend on any output"):

@@ -133,7 +133,7 @@ def test_output_mode_misuse(backend):
     model = BagOfEmbeddings(padding_idx=0).to(DEVICE)
     fgm = FGM(model, target="output")
     ids, labels = batches(1)[0]
-    with pytest.raises(MissingGradientError, match="no gradient reached the output"):
+    with pytest.raises(MissingGradientError, match="no gradient reached the lookups"):
         fgm.attack()
     bag_loss(model, ids, labels).backward()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -180,18 +180,27 @@ def test_non_finite_output_gradient_is_skipped_and_counted(backend):
     assert fgm.skipped_steps == 1
 
 
-def test_capture_lasts_until_the_next_forward_with_gradients(backend):
+def test_capture_belongs_to_the_last_backward_pass(backend):
+    """A forward with gradients and no backward (a metric computed without no_grad, eval() then
+    train()) leaves the captured gradient alone: attack() uses the last backpropagated pass."""
     model = BagOfEmbeddings().to(DEVICE)
     fgm = FGM(model, target="output")
-    ids, labels = batches(1)[0]
+    (ids, labels), (other_ids, other_labels) = batches(2)
     bag_loss(model, ids, labels).backward()
     for _ in range(2):  # attack may run again on the same backward, as weight mode may on .grad
-        with fgm.perturbed():
-            pass
-    with torch.no_grad():
-        model(ids)  # evaluation leaves the captured micro-batch alone
-    fgm.attack()
-    fgm.restore()
-    model(ids)  # a forward with gradients starts a new micro-batch, whose backward has not run
-    with pytest.raises(MissingGradientError, match="no gradient reached the output"):
-        fgm.attack()
+        with fgm.perturbed(), torch.no_grad():
+            want = bag_loss(model, ids, labels)
+    model(other_ids).sum()  # gradients on, never backpropagated
+    model.eval()
+    model(other_ids)
+    model.train()
+    with fgm.perturbed(), torch.no_grad():
+        assert torch.equal(bag_loss(model, ids, labels), want)
+    bag_loss(model, other_ids, other_labels).backward()  # a new backward pass: its gradient is the one used
+    twin = BagOfEmbeddings().to(DEVICE)  # not a deepcopy: that would copy fgm's hooks too
+    twin.load_state_dict(model.state_dict())
+    twin_fgm = FGM(twin, target="output")
+    bag_loss(twin, other_ids, other_labels).backward()
+    with fgm.perturbed(), twin_fgm.perturbed(), torch.no_grad():
+        got, expected = bag_loss(model, other_ids, other_labels), bag_loss(twin, other_ids, other_labels)
+    assert torch.equal(got, expected)

@@ -22,6 +22,12 @@ class EmbeddingAttack:
     It hooks every nn.Embedding of ``model`` at construction (to record the rows each batch
     touches), resolves ``emb_name`` to targets once per name, and restores what was perturbed.
     The hooks hold the recorders, not this object: when it is collected, they come off the model.
+
+    Under DDP the process group comes from the wrapper given (``model`` is, or holds, the
+    DistributedDataParallel module), or from :meth:`bind_data_parallel`, or else from the forward
+    pass: a lookup inside a DDP forward names its wrapper, which is bound before the next attack,
+    so ``FGM(model)`` then ``DDP(model)``, or ``FGM(ddp_model.module)``, perturb the rows of every
+    rank's batch as well.
     """
 
     def __init__(self, model: nn.Module, emb_name: str | None, target: TargetMode, share_rows: bool) -> None:
@@ -38,7 +44,7 @@ class EmbeddingAttack:
         self._group = None if self._ddp is None else self._ddp.process_group
         self._warned_unwrapped = False
         self._recorders = attach_recorders(model)
-        self._outputs: dict[int, OutputTarget] = {}  # one output hook per module, made on demand
+        self._outputs: dict[object, OutputTarget] = {}  # one set of output hooks per table and modules
         self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
         self._detach = weakref.finalize(self, _remove_hooks, self._recorders, self._outputs, self._lookups)
         self._targets_by_name: dict[str | None, list[Target]] = {}
@@ -59,14 +65,18 @@ class EmbeddingAttack:
     def bind_data_parallel(self, model: nn.Module) -> None:
         """Use the DistributedDataParallel wrapper of ``model``, made after this object was built (by a
         Trainer or ``accelerator.prepare``): the rows of every rank's batch are then perturbed, as when
-        the wrapper is given at construction. A model with no DDP wrapper changes nothing."""
+        the wrapper is given at construction. A model with no DDP wrapper changes nothing.
+
+        Optional: the first forward pass through the wrapper binds it anyway. Calling this before that
+        pass matters only to ``fgm.step(..., clean_no_sync=True)``, whose first clean pass otherwise runs
+        with the gradients all-reduced (same numbers, one more all-reduce).
+        """
         wrapper = data_parallel_wrapper(model)
         if wrapper is None or wrapper is self._ddp:
             return
         if self._attacked is not None:
             raise AttackStateError("bind_data_parallel() called during an attack: call restore() first.")
-        self._ddp, self._group = wrapper, wrapper.process_group
-        self._targets_by_name.clear()  # targets take the group when they are resolved again
+        self._bind(wrapper)
 
     def restore(self, emb_name: str | None = None) -> None:
         """Put back, bit for bit, the rows the attack changed (output mode: stop adding the delta).
@@ -89,7 +99,23 @@ class EmbeddingAttack:
 
     # ------------------------------------------------------------ internals
 
+    def _bind(self, wrapper: nn.Module) -> None:
+        self._ddp, self._group = wrapper, wrapper.process_group
+        self._targets_by_name.clear()  # targets take the group when they are resolved again
+
+    def _bind_data_parallel_seen(self) -> None:
+        """Bind the DDP wrapper whose forward pass looked a table up, if it is not the one bound (the
+        model was wrapped after this object was built, or this object was built on ``ddp.module``)."""
+        if self._attacked is not None:  # the targets of an attack in progress stay as they are
+            return
+        for recorder in self._recorders.values():
+            wrapper = recorder.data_parallel
+            if wrapper is not None and wrapper is not self._ddp:
+                self._bind(wrapper)
+                return
+
     def _targets(self, emb_name: str | None) -> list[Target]:
+        self._bind_data_parallel_seen()
         targets = self._targets_by_name.get(emb_name)
         if targets is None:
             targets = resolve_targets(
@@ -103,7 +129,9 @@ class EmbeddingAttack:
         self, targets: list[Target], lookups: dict[int, list] | None = None, average_over_ranks: bool = False
     ) -> torch.Tensor:
         """Prepare every target (from ``.grad``, the captured dL/de, or ``lookups`` by target id); their norms."""
-        if not self._warned_unwrapped and (message := warn_if_unwrapped_data_parallel(self._group)) is not None:
+        # FSDP2 tables know their group from the parameter; the warning is for ranks with no group at all.
+        group = next((g for g in [self._group, *(t.group for t in targets)] if g is not None), None)
+        if not self._warned_unwrapped and (message := warn_if_unwrapped_data_parallel(group)) is not None:
             self._warned_unwrapped = True
             warnings.warn(message, FastAdvWarning, stacklevel=4)
         backend = resolve_backend(targets[0].param.device)

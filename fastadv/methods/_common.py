@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import ReentrantCheckpointError
+
 Closure = Callable[[], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor], object]
 
@@ -32,6 +34,36 @@ def check_loss(loss: object, where: str) -> torch.Tensor:
 
 def plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
+
+
+def output_gradients(
+    loss: torch.Tensor, edges: list, method: str, alternative: str = "", create_graph: bool = False
+) -> list[torch.Tensor | None]:
+    """dL/de at each autograd edge of an embedding's output (None where ``loss`` does not reach it),
+    through ``torch.autograd.grad``: no parameter gradient is computed or written.
+
+    Reentrant activation checkpointing refuses ``torch.autograd.grad``; its error becomes
+    :class:`ReentrantCheckpointError`, which says what to call instead (``alternative``: the
+    method's own way around it, if it has one, as ", or ...").
+    """
+    if not edges:
+        return []
+    try:
+        return list(torch.autograd.grad(loss, edges, create_graph=create_graph, allow_unused=True))
+    except RuntimeError as err:
+        # torch 2.2: "Checkpointing is not compatible with .grad() ..."; later: "When use_reentrant=True, ..."
+        message = str(err)
+        if ".grad()" not in message or "checkpoint" not in message.lower():
+            raise
+        raise ReentrantCheckpointError(
+            f"{method} takes dL/de, the gradient of the loss with respect to the embedding's output, with "
+            "torch.autograd.grad, and the model runs reentrant activation checkpointing (use_reentrant=True), "
+            "which rebuilds the checkpointed layers' graph inside backward and so cannot give that gradient. "
+            "Checkpoint with use_reentrant=False, torch's recommended mode: "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (recent "
+            "transformers: activation_checkpointing_enable(), where it is the default; outside transformers: "
+            f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False)){alternative}."
+        ) from err
 
 
 class SkipCounter:

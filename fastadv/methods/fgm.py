@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..distributed import process_group_initialized
 from ..errors import AttackStateError
 from ..target import Target, TargetMode
 from ._attack import EmbeddingAttack
@@ -26,7 +27,9 @@ class FGM(EmbeddingAttack):
 
     Args:
         model: the model being trained. Create FGM before the forward pass whose gradient it uses:
-            it hooks every nn.Embedding to record which rows a batch touched.
+            it hooks every nn.Embedding to record which rows a batch touched. Under DDP: the wrapped
+            model, the model before it is wrapped, or ``ddp_model.module`` (the wrapper is then found
+            in the forward pass).
         epsilon: default perturbation size for attack().
         emb_name: None perturbs the input embedding (``model.get_input_embeddings()``, else the single
             nn.Embedding). A string perturbs, as the snippet does, every trainable parameter whose
@@ -128,23 +131,27 @@ class FGM(EmbeddingAttack):
                 ``accelerator.backward`` or ``lambda l: scaler.scale(l).backward()``.
             clean_no_sync: DDP only: run the clean pass under ``no_sync()``, so the gradients are
                 all-reduced once, after the adversarial pass, instead of after each pass. The attack
-                then averages only the table rows it needs (U x d) over the ranks. Same numbers.
+                then averages only the table rows it needs (U x d) over the ranks. Same numbers. Until
+                FGM knows the wrapper (given, bound, or seen in a forward pass: FGM built before
+                wrapping learns it in its first step), the clean pass runs with the gradients all-reduced.
 
         Returns:
             The clean loss, detached. The optimizer step stays the caller's.
         """
         backward = backward or plain_backward
         if clean_no_sync:
-            if self._ddp is None:
-                raise ValueError(
-                    "clean_no_sync=True runs the clean pass under DistributedDataParallel.no_sync(), but FGM was "
-                    "not given a DDP-wrapped model. Create FGM on the DDP model, or leave clean_no_sync False."
-                )
+            self._bind_data_parallel_seen()  # the wrapper an earlier step's forward ran in
+        if clean_no_sync and self._ddp is None and not process_group_initialized():
+            raise ValueError(
+                "clean_no_sync=True runs the clean pass under DistributedDataParallel.no_sync(), but torch.distributed "
+                "is not initialized, so there is no DDP wrapper. Leave clean_no_sync False."
+            )
+        if clean_no_sync and self._ddp is not None:
             with self._ddp.no_sync():
                 loss = check_loss(closure(), "closure()")
                 backward(loss)
             self._attack(None, None, average_over_ranks=True)
-        else:
+        else:  # also clean_no_sync's first step when the wrapper is not known yet
             loss = check_loss(closure(), "closure()")
             backward(loss)
             self.attack()

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from ..errors import EmbeddingNotFoundError, MissingGradientError
-from ..target import find_input_embedding
+from ..lookups import lookup_scale, on_output
+from ..target import TableLookups, named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
 
 FreeLBNorm = Literal["l2", "linf"]
@@ -34,6 +35,13 @@ class FreeLB:
 
     The mask of the random start: ``attention_mask`` given to step() (B x T, 0/1) when there is one;
     else ``ids != padding_idx`` when the embedding has a padding_idx; else every position.
+
+    A table looked up several times in one forward pass (T5's and BART's encoder and decoder share
+    one) gets one delta per lookup, each run as above on its own sequences (``attention_mask`` is
+    the first lookup's, the model input's; later lookups start on their non-padding positions).
+    delta lives on the raw lookup ``weight[ids]``: a module that scales its lookup (Gemma's, BART's
+    ``*ScaledWordEmbedding``) gets ``scale * delta`` on its output, as weight rows moved by delta
+    would give.
 
     ``keep_clean_loss=True`` adds one clean pass (no delta) before the adversarial ones, backpropagated
     at full weight: the gradient is that of ``clean loss + mean adversarial loss``, which recovers the
@@ -61,7 +69,8 @@ class FreeLB:
         norm: "l2" or "linf": the norm of the ascent, the random start and the bound.
         keep_clean_loss: add a clean pass at full weight (see above).
         emb_name: None for the input embedding (``get_input_embeddings()``, else the single
-            nn.Embedding); a string for the single nn.Embedding whose weight's name contains it.
+            nn.Embedding), at every module that looks its table up; a string for the one table whose
+            weight's name (or a module's name for it) contains it.
 
     Usage::
 
@@ -99,16 +108,16 @@ class FreeLB:
         self.norm: FreeLBNorm = norm
         self.keep_clean_loss = bool(keep_clean_loss)
         self.emb_name = emb_name
-        self.name, self.module = _word_embedding(model, emb_name)
+        table = _word_embedding(model, emb_name)
+        self.name, self.modules = table.name, [m for _, m in table.modules]
         self._skipped = SkipCounter()
         # Per-step state, set only inside step().
         self._active = False
-        self._looked_up = False
+        self._lookups = 0  # lookups in the current pass
+        self._first_pass = False  # the pass that makes the deltas
         self._mask: torch.Tensor | None = None
-        self._delta: torch.Tensor | None = None  # fp32, B x T x d; None until the first adversarial lookup
-        self._handle: torch.utils.hooks.RemovableHandle | None = self.module.register_forward_hook(
-            self._on_forward, with_kwargs=True
-        )
+        self._deltas: list[torch.Tensor] = []  # fp32, B x T x d per lookup; made at the first adversarial pass
+        self._handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.modules]
 
     def __repr__(self) -> str:
         return (
@@ -135,8 +144,8 @@ class FreeLB:
             The loss whose gradient was accumulated, detached: the sum over the adversarial passes of
             loss / adv_steps, plus the clean loss with keep_clean_loss.
         """
-        if self._handle is None:
-            raise RuntimeError("FreeLB's hook was removed by remove_hooks(): create a new FreeLB to train with it.")
+        if not self._handles:
+            raise RuntimeError("FreeLB's hooks were removed by remove_hooks(): create a new FreeLB to train with it.")
         if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
             raise TypeError(
                 f"attention_mask must be a B x T tensor of 0/1 (or None), found {type(attention_mask).__name__}."
@@ -147,38 +156,44 @@ class FreeLB:
             loss = check_loss(closure(), "closure()")
             backward(loss)
             total = loss.detach()
-        self._mask, self._delta = attention_mask, None
+        self._mask, self._deltas = attention_mask, []
         try:
             for astep in range(self.adv_steps):
-                self._looked_up, self._active = False, True
+                self._lookups, self._active, self._first_pass = 0, True, astep == 0
                 try:
                     loss = check_loss(closure(), "closure()")
                 finally:
                     self._active = False
-                if not self._looked_up:
+                if self._lookups == 0:
                     raise MissingGradientError(
                         f"closure() never looked up '{self.name}', so the perturbed embedding output never reached "
                         "the forward pass: the closure must run the model's forward pass on the batch (create "
                         "FreeLB on the model the closure runs, and pass emb_name= if the input embedding is "
                         "another module)."
                     )
-                delta = self._delta
-                assert delta is not None
+                if self._lookups != len(self._deltas):
+                    raise RuntimeError(
+                        f"closure() looked up '{self.name}' {self._lookups} times, the first pass of this step "
+                        f"{len(self._deltas)} times: the closure must run the same forward pass every time."
+                    )
                 loss = loss / self.adv_steps
                 backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
-                grad = delta.grad
-                if grad is None:
+                grads = [delta.grad for delta in self._deltas]
+                if all(grad is None for grad in grads):
                     raise MissingGradientError(
                         f"the output of '{self.name}' was looked up in closure() but does not reach the loss "
                         "(no gradient after backward): return a loss computed from that forward pass."
                     )
                 if astep == self.adv_steps - 1:
                     break
-                delta.grad = None  # read once; the next pass uses a new delta
-                self._delta = self._ascend(delta.detach(), grad)
+                # Read once; the next pass uses new deltas. A lookup outside the loss keeps its delta.
+                self._deltas = [
+                    delta.detach() if grad is None else self._ascend(delta.detach(), grad)
+                    for delta, grad in zip(self._deltas, grads, strict=True)
+                ]
         finally:
-            self._mask = self._delta = None
+            self._mask, self._deltas = None, []
         assert total is not None
         return total
 
@@ -188,48 +203,45 @@ class FreeLB:
         return int(self._skipped)
 
     def remove_hooks(self) -> None:
-        """Remove the forward hook from the embedding; step() then raises."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        """Remove the forward hooks from the embedding; step() then raises."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     # ------------------------------------------------------------ hook and algorithm
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         if not self._active:
             return None
-        if self._looked_up:
+        ids = args[0] if args else kwargs["input"]
+        index, self._lookups = self._lookups, self._lookups + 1
+        if self._first_pass:  # the random start needs the lookup's shape
+            self._deltas.append(self._initial_delta(ids, output, module, index))
+        elif index >= len(self._deltas) or self._deltas[index].shape != output.shape:
             raise RuntimeError(
-                f"closure() looked up '{self.name}' more than once in one call: FreeLB holds one delta for one "
-                "lookup of the batch. Run a single forward pass of the model in the closure."
+                f"closure() looked up '{self.name}' differently from the first pass of this step (lookup {index + 1}, "
+                f"output shape {tuple(output.shape)}; the first pass made {len(self._deltas)} lookups of shapes "
+                f"{[tuple(d.shape) for d in self._deltas]}): the closure must run the same batch every time."
             )
-        self._looked_up = True
-        if self._delta is None:  # first adversarial lookup of this step: the random start needs the shape
-            ids = args[0] if args else kwargs["input"]
-            self._delta = self._initial_delta(ids, output)
-        elif self._delta.shape != output.shape:
-            raise RuntimeError(
-                f"closure() looked up '{self.name}' with output shape {tuple(output.shape)}, the first pass of "
-                f"this step with {tuple(self._delta.shape)}: the closure must run the same batch every time."
-            )
-        delta = self._delta.requires_grad_()  # a leaf: after backward its .grad is dL/de
-        return output + delta.to(output.dtype)
+        delta = self._deltas[index].requires_grad_()  # a leaf: after backward its .grad is dL/d delta
+        return output + on_output(delta, lookup_scale(module, ids.detach(), output)).to(output.dtype)
 
-    def _initial_delta(self, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    def _initial_delta(self, ids: torch.Tensor, output: torch.Tensor, module: nn.Module, index: int) -> torch.Tensor:
         """delta at the first pass, fp32, the shape of ``output`` (B x T x d); draws from the RNG when random."""
         if ids.dim() != 2:
             raise ValueError(
                 f"FreeLB perturbs a batch of token sequences, ids of shape B x T, but '{self.name}' was looked up "
                 f"with ids of shape {tuple(ids.shape)}: flatten the batch to B x T before the embedding."
             )
-        if self._mask is not None and self._mask.shape != ids.shape:
+        mask = self._mask if index == 0 else None  # the model input's attention mask: the first lookup's
+        if mask is not None and mask.shape != ids.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(self._mask.shape)}, the ids looked up in '{self.name}' have "
                 f"shape {tuple(ids.shape)}: pass the batch's B x T attention mask."
             )
         if self.adv_init_mag == 0:
             return torch.zeros_like(output, dtype=torch.float32)
-        mask = self._start_mask(ids).to(device=output.device, dtype=torch.float32)
+        mask = self._start_mask(ids, mask, module).to(device=output.device, dtype=torch.float32)
         # Same operations, in the same order, as the published code; drawn in the output's dtype as it is.
         if self.norm == "l2":
             lengths = mask.sum(1)
@@ -241,10 +253,11 @@ class FreeLB:
             delta = torch.zeros_like(output).uniform_(-self.adv_init_mag, self.adv_init_mag) * mask.unsqueeze(2)
         return delta.float()
 
-    def _start_mask(self, ids: torch.Tensor) -> torch.Tensor:
-        if self._mask is not None:
-            return self._mask
-        padding_idx = getattr(self.module, "padding_idx", None)
+    @staticmethod
+    def _start_mask(ids: torch.Tensor, mask: torch.Tensor | None, module: nn.Module) -> torch.Tensor:
+        if mask is not None:
+            return mask
+        padding_idx = getattr(module, "padding_idx", None)
         if padding_idx is not None:
             return ids != padding_idx
         return torch.ones(ids.shape, device=ids.device)
@@ -272,23 +285,14 @@ class FreeLB:
         return torch.where(finite, moved, delta)  # on the device: no host sync
 
 
-def _word_embedding(model: nn.Module, emb_name: str | None) -> tuple[str, nn.Embedding]:
-    """The single embedding FreeLB perturbs: the input embedding, or the one nn.Embedding ``emb_name`` names."""
-    if emb_name is None:
-        return find_input_embedding(model)
-    if not isinstance(emb_name, str) or not emb_name:
-        raise EmbeddingNotFoundError(f"emb_name must be a non-empty string or None, found {emb_name!r}.")
-    tables = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
-    matched = [(n, m) for n, m in tables if emb_name in (f"{n}.weight" if n else "weight")]
-    if len(matched) == 1:
-        return matched[0]
-    found = ", ".join(f"'{n}.weight'" for n, _ in (matched or tables)) or "none"
-    if not matched:
-        raise EmbeddingNotFoundError(
-            f"emb_name={emb_name!r} matches no nn.Embedding of {type(model).__name__} (found: {found}). FreeLB "
-            "perturbs the output of one embedding: pass a substring of its weight's name, or None for the input one."
-        )
+def _word_embedding(model: nn.Module, emb_name: str | None) -> TableLookups:
+    """The one table FreeLB perturbs, with the modules that look it up: the input embedding's, or the table
+    ``emb_name`` names."""
+    tables = named_tables(model, emb_name, "FreeLB")
+    if len(tables) == 1:
+        return tables[0]
+    found = ", ".join(f"'{t.name}'" for t in tables)
     raise EmbeddingNotFoundError(
-        f"emb_name={emb_name!r} matches {len(matched)} nn.Embedding modules ({found}), and FreeLB perturbs the "
-        "output of one: pass a longer substring that names only the word embedding, e.g. 'word_embeddings'."
+        f"emb_name={emb_name!r} matches {len(tables)} embedding tables ({found}), and FreeLB perturbs the "
+        "lookups of one: pass a longer substring that names only the word embedding, e.g. 'word_embeddings'."
     )

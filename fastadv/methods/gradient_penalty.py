@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..errors import EmbeddingNotFoundError, FastAdvError, MissingGradientError
+from ..errors import FastAdvError, MissingGradientError
 from ..output_target import EmbeddingOutputs
-from ..target import find_input_embedding
-from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
+from ..target import named_tables
+from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
 
 Mode = Literal["finite_difference", "exact"]
 
@@ -50,7 +50,8 @@ class GradientPenalty:
         self.epsilon = check_epsilon(epsilon)
         self.emb_name = emb_name
         self.mode: Mode = mode
-        self._outputs = [EmbeddingOutputs(name, module) for name, module in _embedding_modules(model, emb_name)]
+        tables = named_tables(model, emb_name, "The gradient penalty")
+        self._outputs = [EmbeddingOutputs(name, module) for table in tables for name, module in table.modules]
         self._skipped = SkipCounter()
 
     def __repr__(self) -> str:
@@ -124,7 +125,10 @@ class GradientPenalty:
     def _output_gradients(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
         """dL/de for every recorded lookup (None for lookups outside ``loss``'s graph), in order."""
         edges = [edge for outputs in self._outputs for edge in outputs.edges]
-        grads = list(torch.autograd.grad(loss, edges, create_graph=create_graph, allow_unused=True)) if edges else []
+        found = output_gradients(loss, edges, f"GradientPenalty(mode={self.mode!r})", create_graph=create_graph)
+        grads: list[torch.Tensor | None] = []
+        for outputs in self._outputs:  # dL/d(output) to dL/d(raw lookup), per module
+            grads += outputs.raw_gradients(found[len(grads) : len(grads) + len(outputs.edges)])
         if not any(g is not None for g in grads):
             names = ", ".join(f"'{o.name}'" for o in self._outputs)
             raise MissingGradientError(
@@ -133,16 +137,3 @@ class GradientPenalty:
                 "enabled, and make sure the embedding's output reaches the loss."
             )
         return grads
-
-
-def _embedding_modules(model: nn.Module, emb_name: str | None) -> list[tuple[str, nn.Embedding]]:
-    if emb_name is None:
-        return [find_input_embedding(model)]
-    modules = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and emb_name in f"{n}.weight"]
-    if not modules:
-        found = ", ".join(f"'{n}'" for n, m in model.named_modules() if isinstance(m, nn.Embedding)) or "none"
-        raise EmbeddingNotFoundError(
-            f"emb_name={emb_name!r} matches no nn.Embedding of {type(model).__name__} (found: {found}). "
-            "The gradient penalty acts on embedding outputs: pass a substring of one of them."
-        )
-    return modules

@@ -9,10 +9,16 @@ import torch
 from torch import nn
 
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvError, FastAdvWarning, MissingGradientError
+from ..lookups import table_modules
 from ..output_target import EmbeddingOutputs, OutputTarget
-from ..target import Target, TargetMode, WeightTarget
+from ..target import LookupRecorder, Target, TargetMode, WeightTarget
 from ._attack import EmbeddingAttack
-from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
+from ._common import BackwardFn, Closure, check_epsilon, check_loss, output_gradients, plain_backward
+
+SNIPPET_CALLS_NEED_ONLY_BACKWARD = (
+    ", or drive PGD with the snippet's calls (attack(is_first_attack=...), restore(), backup_grad(), "
+    "restore_grad()), which need only backward()"
+)
 
 
 class PGD(EmbeddingAttack):
@@ -34,6 +40,7 @@ class PGD(EmbeddingAttack):
 
     Args:
         model: the model being trained. Create PGD before the forward pass whose gradient it uses.
+            Under DDP, wrapped or not (or ``ddp_model.module``), as for :class:`fastadv.FGM`.
         epsilon: radius of the L2 ball around the clean embedding (per matched parameter).
         alpha: size of each ascent step; ``alpha > epsilon`` is allowed but warned.
         steps: K, the number of attacks per training step (the snippet's K), >= 1.
@@ -78,6 +85,7 @@ class PGD(EmbeddingAttack):
         self.steps = steps
         self._warn_if_alpha_exceeds(self.epsilon, self.alpha)
         self._grad_backup: dict[str, torch.Tensor | None] | None = None
+        self._ids_backup: list[tuple[LookupRecorder, torch.Tensor | None]] = []
         self._step_recorders: tuple[list[Target], dict[int, list[EmbeddingOutputs]]] | None = None
         self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
 
@@ -135,15 +143,20 @@ class PGD(EmbeddingAttack):
             for name, p in self.model.named_parameters()
             if p.requires_grad
         }
+        # The rows those gradients live on: the zero_grad() between the attacks empties the record.
+        self._ids_backup = [(recorder, recorder.ids()) for recorder in self._recorders.values()]
 
     def restore_grad(self) -> None:
-        """Put the gradients saved by :meth:`backup_grad` back (``param.grad = saved``)."""
+        """Put the gradients saved by :meth:`backup_grad` back (``param.grad = saved``), and their rows in
+        the record (under gradient accumulation they include earlier micro-batches' rows)."""
         if self._grad_backup is None:
             raise AttackStateError("restore_grad() called without backup_grad(): there is no gradient to restore.")
         saved, self._grad_backup = self._grad_backup, None
         for name, p in self.model.named_parameters():
             if name in saved:
                 p.grad = saved[name]
+        for recorder, ids in self._ids_backup:
+            recorder.add_ids(ids)
 
     # ------------------------------------------------------------ the fast step
 
@@ -172,6 +185,10 @@ class PGD(EmbeddingAttack):
         lookups = self._lookup_recorders(targets)
         loss = check_loss(closure(), "closure()")
         backward(loss)
+        # Again after the clean pass: a DDP forward that no earlier step ran (the model wrapped after PGD was
+        # built, or PGD built on ddp.module) binds its wrapper here, and the targets take its group.
+        targets = self._targets(self.emb_name)
+        lookups = self._lookup_recorders(targets)
         try:
             gradients = None  # the first attack reads the clean gradient (.grad, or dL/de captured)
             for t in range(self.steps):
@@ -224,16 +241,16 @@ class PGD(EmbeddingAttack):
                     f"'{target.name}' is not an embedding table. Pass an emb_name that matches embedding tables "
                     "only, or use the snippet's calls (attack/restore/backup_grad/restore_grad)."
                 )
-            modules = [target.module] if isinstance(target, OutputTarget) else self._modules_of(target.param)
+            if isinstance(target, OutputTarget):
+                modules = target.modules
+            else:  # weight rows: every lookup of the table sees them
+                modules = [m for _, m in table_modules(self.model, target.param)]
             for module in modules:
                 if id(module) not in self._lookups:
                     self._lookups[id(module)] = EmbeddingOutputs(target.name, module)
             recorders[id(target)] = [self._lookups[id(m)] for m in modules]
         self._step_recorders = (targets, recorders)
         return recorders
-
-    def _modules_of(self, weight: nn.Parameter) -> list[nn.Embedding]:
-        return [m for m in self.model.modules() if isinstance(m, nn.Embedding) and m.weight is weight]
 
     def _output_gradients(
         self,
@@ -251,12 +268,13 @@ class PGD(EmbeddingAttack):
             loss = check_loss(closure(), "closure()")
             if scaler is not None:  # only the direction is used: the scale needs no undoing
                 loss = scaler.scale(loss)
-            edges = [(id(r), ids, e) for r in recorders.values() for ids, e in zip(r.ids, r.edges, strict=True)]
-            grads = torch.autograd.grad(loss, [e for _, _, e in edges], allow_unused=True) if edges else ()
-        by_recorder: dict[int, list] = {key: [] for key in recorders}
-        for (key, ids, _), grad in zip(edges, grads, strict=True):
-            if grad is not None:
-                by_recorder[key].append((ids, grad))
+            edges = [e for r in recorders.values() for e in r.edges]
+            grads = output_gradients(loss, edges, "pgd.step()", SNIPPET_CALLS_NEED_ONLY_BACKWARD)
+        by_recorder: dict[int, list] = {}
+        for key, recorder in recorders.items():  # dL/d(output) to dL/d(raw lookup), per module
+            mine, grads = grads[: len(recorder.edges)], grads[len(recorder.edges) :]
+            pairs = zip(recorder.ids, recorder.raw_gradients(mine), strict=True)
+            by_recorder[key] = [(ids, grad) for ids, grad in pairs if grad is not None]
         gradients = {}
         for target in targets:
             pairs = [pair for r in lookups[id(target)] for pair in by_recorder[id(r)]]
