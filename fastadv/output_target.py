@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from .distributed import all_reduce_sum, average_rows_over_ranks
+from .distributed import all_reduce_sum, average_rows_over_ranks, data_parallel_forward
 from .errors import MissingGradientError
 from .lookups import lookup_scale, on_output, raw_gradient
 from .ops import RowSet, gather_rows, rows_l2_norm, segment_sum_by_id
@@ -245,6 +245,7 @@ class EmbeddingOutputs:
         self._lookups: deque = deque(maxlen=self.RECENT)  # (ids, GradientEdge, scale) per lookup
         self._deltas: list[torch.Tensor | None] | None = None
         self._next = 0
+        self.data_parallel: nn.Module | None = None  # the DDP wrapper whose forward last looked the module up
         self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
 
     def remove(self) -> None:
@@ -289,6 +290,8 @@ class EmbeddingOutputs:
             return output + on_output(delta, lookup_scale(module, ids, output)).to(output.dtype)
         if not torch.is_grad_enabled():
             return None
+        if (wrapper := data_parallel_forward()) is not None:
+            self.data_parallel = wrapper
         scale = lookup_scale(module, ids, output)
         replaced = None
         if not output.requires_grad:

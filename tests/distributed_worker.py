@@ -41,18 +41,22 @@ def train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: floa
 
 
 def make_adversary(model: torch.nn.Module, method: str):
-    """fgm_* / pgd_*; "_positions": output mode with one delta per token position."""
-    from fastadv import FGM, PGD
+    """fgm_* / pgd_* / gp_* / freelb_*; "_positions": output mode with one delta per token position."""
+    from fastadv import FGM, PGD, FreeLB, GradientPenalty
 
     share_rows = "_positions" not in method
     if method.startswith("fgm"):
         return FGM(model, share_rows=share_rows)
+    if method.startswith("gp"):
+        return GradientPenalty(model, 0.5)
+    if method.startswith("freelb"):
+        return FreeLB(model, adv_lr=0.05, adv_steps=2)
     return PGD(model, 0.05, 0.03, share_rows=share_rows)
 
 
 def schedule(method: str) -> str:
     """How ``train`` drives the adversary: "calls" (the snippet's), "step", or "step_no_sync" (DDP only)."""
-    for word in ("fgm_", "pgd_", "bound_", "before_", "module_", "frozen_", "positions_"):
+    for word in ("fgm_", "pgd_", "gp_", "freelb_", "bound_", "before_", "module_", "frozen_", "positions_"):
         method = method.replace(word, "")
     return method
 

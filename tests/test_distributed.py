@@ -86,6 +86,10 @@ ORDER_CASES = [
     "fgm_frozen_before_step",  # output mode: the frozen table's lookups name the wrapper too
     "pgd_frozen_module_step",
     "fgm_before_step_no_sync",  # the wrapper known from the first step on: no_sync from the second
+    # The gradient penalty is quadratic in each rank's dL/de (W times the whole batch's): epsilon / W.
+    "gp_step",
+    "gp_before_step",
+    "freelb_step",  # normalized per sequence: no rank's scale to undo
 ]
 NO_SYNC_CHECK = "warnings_after_no_sync_forward"
 

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..distributed import data_parallel_wrapper
 from ..errors import FastAdvError, MissingGradientError
 from ..output_target import EmbeddingOutputs
 from ..target import named_tables
@@ -65,7 +66,7 @@ class GradientPenalty:
         """
         loss = check_loss(loss, "penalty(loss): loss")
         grads = self._output_gradients(loss, create_graph=True)
-        return 0.5 * self.epsilon * sum(g.float().square().sum() for g in grads if g is not None)
+        return 0.5 * self._rank_epsilon() * sum(g.float().square().sum() for g in grads if g is not None)
 
     def step(
         self, closure: Closure, backward: BackwardFn | None = None, scaler: torch.amp.GradScaler | None = None
@@ -103,7 +104,8 @@ class GradientPenalty:
         finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
         self._skipped.add(~finite)
         # autograd.grad's results are ours: scale them in place, zeroed on a skip.
-        deltas = [None if g is None else g.mul_(self.epsilon).masked_fill_(~finite, 0.0) for g in grads]
+        epsilon = self._rank_epsilon()
+        deltas = [None if g is None else g.mul_(epsilon).masked_fill_(~finite, 0.0) for g in grads]
         with ExitStack() as stack:
             start = 0
             for outputs in self._outputs:
@@ -121,6 +123,21 @@ class GradientPenalty:
     def remove_hooks(self) -> None:
         for outputs in self._outputs:
             outputs.remove()
+
+    def _rank_epsilon(self) -> float:
+        """epsilon for this rank's share of the penalty: epsilon / W under DDP with W ranks.
+
+        Each rank's loss is the mean over its own batch, so its dL/de is W times the whole batch's,
+        and the penalty is quadratic in it: epsilon / W on every rank, averaged by DDP, gives the
+        one-process penalty of the whole batch (and the finite difference its step). The wrapper is
+        the one whose forward looked the embedding up (whenever the object was built).
+        """
+        wrapper = data_parallel_wrapper(self.model) or next(
+            (o.data_parallel for o in self._outputs if o.data_parallel is not None), None
+        )
+        if wrapper is None:
+            return self.epsilon
+        return self.epsilon / torch.distributed.get_world_size(wrapper.process_group)
 
     def _output_gradients(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
         """dL/de for every recorded lookup (None for lookups outside ``loss``'s graph), in order."""
