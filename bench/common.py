@@ -77,8 +77,19 @@ def llama_lm(
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    heads = max(1, hidden // 128)
-    config = LlamaConfig(
+    return _causal_lm(
+        LlamaConfig, LlamaForCausalLM, 128, vocab, hidden, layers, intermediate, seq, device, dtype, attention
+    )
+
+
+def _causal_lm(
+    config_class: type, model_class: type, head_dim: int, vocab: int, hidden: int, layers: int, intermediate: int,
+    seq: int, device: torch.device, dtype: torch.dtype, attention: str,
+) -> torch.nn.Module:  # fmt: skip
+    """A random causal LM (seed 0, untied head) with heads of ``head_dim`` (at least one) and a quarter as
+    many key/value heads, its parameters made in ``dtype`` on the device (no full-precision copy first)."""
+    heads = max(1, hidden // head_dim)
+    config = config_class(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=max(1, heads // 4), max_position_embeddings=seq,
         tie_word_embeddings=False,
@@ -86,10 +97,10 @@ def llama_lm(
     config._attn_implementation = attention
     torch.manual_seed(0)
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # parameters made in dtype, on the device: no full-precision copy first
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = model_class(config)
     finally:
         torch.set_default_dtype(default)
     return model.train()

@@ -72,14 +72,24 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str = "cp
     device = torch.device(device)
     if device.type == "cuda":
         return extra_memory_bytes(fn, device)
+    return peak_of(cpu_memory_events(fn))
+
+
+def cpu_memory_events(fn: Callable[[], object]) -> list[int]:
+    """The bytes of every CPU allocation (+) and free (-) during ``fn()``, in the order they happened,
+    as torch.profiler's memory profile records them."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # "[memory]" events are single allocations (+) and frees (-), in the order they happened.
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    return [nbytes for _, nbytes in events]
+
+
+def peak_of(events: list[int]) -> int:
+    """The peak of the bytes live, replaying allocations and frees (see :func:`cpu_memory_events`) from 0."""
     live = peak = 0
-    for _, nbytes in events:
+    for nbytes in events:
         live += nbytes
         peak = max(peak, live)
     return peak
