@@ -56,7 +56,8 @@ def make_adversary(model: torch.nn.Module, method: str):
 
 def schedule(method: str) -> str:
     """How ``train`` drives the adversary: "calls" (the snippet's), "step", or "step_no_sync" (DDP only)."""
-    for word in ("fgm_", "pgd_", "gp_", "freelb_", "bound_", "before_", "module_", "frozen_", "positions_"):
+    words = ("fgm_", "pgd_", "gp_", "freelb_", "bound_", "before_", "module_", "frozen_", "positions_", "bucketview_")
+    for word in words:
         method = method.replace(word, "")
     return method
 
@@ -108,7 +109,8 @@ def run(rank: int, world: int, engine: str, method: str) -> dict[str, torch.Tens
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(model)
+        # "_bucketview": .grad is a view into DDP's buckets, which the rows are added into in place
+        model = DistributedDataParallel(model, gradient_as_bucket_view="_bucketview" in method)
     elif engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -152,4 +154,44 @@ def warnings_after_no_sync_forward() -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, FastAdvWarning)]
 
 
-CHECKS = {"warnings_after_no_sync_forward": warnings_after_no_sync_forward}  # run by worker_cases by name
+def row_lookups_under_ddp() -> dict[str, int]:
+    """FGM.step under DDP with bucket views and zero_grad(set_to_none=False), clean_no_sync=True from the
+    second step: how many passes added the word table's gradient as rows (fastadv.ops.lookup.compact_ids
+    calls for its V rows), and in how many steps the table's .grad was still a view into DDP's buckets
+    (its storage shared with other parameters' gradients)."""
+    from unittest import mock
+
+    from models import VOCAB, batches, tiny_bert
+    from torch.nn.parallel import DistributedDataParallel
+
+    import fastadv.ops.lookup as lookup
+    from fastadv import FGM
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = DistributedDataParallel(tiny_bert(), gradient_as_bucket_view=True)
+    weight = model.module.get_input_embeddings().weight
+    fgm, opt = FGM(model), torch.optim.SGD(model.parameters(), lr=0.1)
+    compact, calls, in_bucket = lookup.compact_ids, [], 0
+
+    def counted(ids: torch.Tensor, num_rows: int, *args, **kwargs):
+        calls.extend([1] if num_rows == VOCAB else [])
+        return compact(ids, num_rows, *args, **kwargs)
+
+    with mock.patch.object(lookup, "compact_ids", counted):
+        for i, (ids, labels) in enumerate(batches(3, batch=4)):
+            ids, labels = ids.chunk(world)[rank], labels.chunk(world)[rank]
+            fgm.step(lambda ids=ids, labels=labels: model(input_ids=ids, labels=labels).loss, clean_no_sync=i > 0)
+            storage = weight.grad.untyped_storage().data_ptr()
+            shared = [
+                p for p in model.parameters() if p.grad is not None and p.grad.untyped_storage().data_ptr() == storage
+            ]
+            in_bucket += int(len(shared) > 1)
+            opt.step()
+            opt.zero_grad(set_to_none=False)  # .grad stays: every later pass adds its rows into the bucket view
+    return {"row_backwards": len(calls), "grad_in_bucket": in_bucket}
+
+
+CHECKS = {
+    "warnings_after_no_sync_forward": warnings_after_no_sync_forward,
+    "row_lookups_under_ddp": row_lookups_under_ddp,
+}  # run by worker_cases by name

@@ -16,7 +16,7 @@ WORLD = 2
 
 def single_process_state(method: str) -> dict[str, torch.Tensor]:
     # Where the adversary was built, and no_sync (DDP only), change nothing in one process.
-    for word in ("_bound", "_before", "_module", "_no_sync"):
+    for word in ("_bound", "_before", "_module", "_no_sync", "_bucketview"):
         method = method.replace(word, "")
     return _single_process_state(method)
 
@@ -90,14 +90,20 @@ ORDER_CASES = [
     "gp_step",
     "gp_before_step",
     "freelb_step",  # normalized per sequence: no rank's scale to undo
+    # .grad a view into DDP's buckets: the adversarial passes add the table's gradient rows into it
+    "fgm_bucketview_step",
+    "fgm_bucketview_step_no_sync",
+    "pgd_bucketview_step",
+    "freelb_bucketview_step",
 ]
 NO_SYNC_CHECK = "warnings_after_no_sync_forward"
+ROW_CHECK = "row_lookups_under_ddp"
 
 
 @pytest.fixture(scope="module")
 def ddp_in_any_order(tmp_path_factory) -> dict[str, object]:
     tmp = tmp_path_factory.mktemp("ddp_order")
-    outs = {case: str(tmp / f"{case}.pt") for case in [*ORDER_CASES, NO_SYNC_CHECK]}
+    outs = {case: str(tmp / f"{case}.pt") for case in [*ORDER_CASES, NO_SYNC_CHECK, ROW_CHECK]}
     mp.spawn(worker_cases, args=(WORLD, str(tmp / "init"), "ddp", outs), nprocs=WORLD, join=True)
     return {case: torch.load(out) for case, out in outs.items()}
 
@@ -110,3 +116,9 @@ def test_ddp_found_in_the_forward_equals_one_process(ddp_in_any_order, monkeypat
 
 def test_ddp_forward_under_no_sync_names_the_wrapper(ddp_in_any_order):
     assert ddp_in_any_order[NO_SYNC_CHECK] == [], ddp_in_any_order[NO_SYNC_CHECK]
+
+
+def test_ddp_adds_the_tables_gradient_as_rows_into_the_bucket_view(ddp_in_any_order):
+    """3 steps with .grad kept (set_to_none=False): step 1's adversarial pass, then both passes of steps 2
+    and 3 (the clean one under no_sync) add rows, into a .grad that stays DDP's bucket view."""
+    assert ddp_in_any_order[ROW_CHECK] == {"row_backwards": 5, "grad_in_bucket": 3}, ddp_in_any_order[ROW_CHECK]

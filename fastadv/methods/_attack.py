@@ -10,6 +10,7 @@ from torch import nn
 
 from ..distributed import data_parallel_wrapper, warn_if_unwrapped_data_parallel
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
+from ..lookups import RowGradientHooks
 from ..ops import Backend, resolve_backend
 from ..output_target import EmbeddingOutputs, OutputTarget
 from ..target import Target, TargetMode, attach_recorders, resolve_targets, tied_targets
@@ -46,7 +47,11 @@ class EmbeddingAttack:
         self._recorders = attach_recorders(model)
         self._outputs: dict[object, OutputTarget] = {}  # one set of output hooks per table and modules
         self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
-        self._detach = weakref.finalize(self, _remove_hooks, self._recorders, self._outputs, self._lookups)
+        # Every later pass into a table with a dense .grad adds its gradient as rows (see fastadv.lookups).
+        self._row_gradients = {"hooks": RowGradientHooks(model)}
+        self._detach = weakref.finalize(
+            self, _remove_hooks, self._recorders, self._outputs, self._lookups, self._row_gradients
+        )
         self._targets_by_name: dict[str | None, list[Target]] = {}
         self._attacked: list[Target] | None = None
         self._skipped = SkipCounter()

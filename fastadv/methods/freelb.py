@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import EmbeddingNotFoundError, MissingGradientError
-from ..lookups import lookup_scale, on_output
+from ..lookups import RowGradientHooks, lookup_scale, on_output
 from ..target import TableLookups, named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
 
@@ -118,6 +118,7 @@ class FreeLB:
         self._mask: torch.Tensor | None = None
         self._deltas: list[torch.Tensor] = []  # fp32, B x T x d per lookup; made at the first adversarial pass
         self._handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.modules]
+        self._row_gradients = RowGradientHooks(model)  # passes after the first add the table's gradient as rows
 
     def __repr__(self) -> str:
         return (
@@ -207,6 +208,7 @@ class FreeLB:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._row_gradients.remove()
 
     # ------------------------------------------------------------ hook and algorithm
 

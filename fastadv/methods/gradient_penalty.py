@@ -10,6 +10,7 @@ from torch import nn
 
 from ..distributed import data_parallel_wrapper
 from ..errors import FastAdvError, MissingGradientError
+from ..lookups import RowGradientHooks
 from ..output_target import EmbeddingOutputs
 from ..target import named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
@@ -53,6 +54,7 @@ class GradientPenalty:
         self.mode: Mode = mode
         tables = named_tables(model, emb_name, "The gradient penalty")
         self._outputs = [EmbeddingOutputs(name, module) for table in tables for name, module in table.modules]
+        self._row_gradients = RowGradientHooks(model)  # passes into a dense .grad add the table's gradient as rows
         self._skipped = SkipCounter()
 
     def __repr__(self) -> str:
@@ -123,6 +125,7 @@ class GradientPenalty:
     def remove_hooks(self) -> None:
         for outputs in self._outputs:
             outputs.remove()
+        self._row_gradients.remove()
 
     def _rank_epsilon(self) -> float:
         """epsilon for this rank's share of the penalty: epsilon / W under DDP with W ranks.

@@ -1,6 +1,7 @@
-"""Host launchers of the kernels, the torch reference beside each, and the backend switch."""
+"""Host launchers of the kernels, the torch reference beside each, the backend switch, and the row-gradient lookup."""
 
 from .backend import Backend, resolve_backend
+from .lookup import compact_ids, row_gradient_lookup
 from .rows import (
     RowSet,
     gather_rows,
@@ -20,9 +21,11 @@ from .segments import segment_sum_by_id, segment_sum_by_id_reference
 __all__ = [
     "Backend",
     "RowSet",
+    "compact_ids",
     "gather_rows",
     "resolve_backend",
     "row_block_sizes",
+    "row_gradient_lookup",
     "row_set_from_ids",
     "rows_backup_add",
     "rows_backup_add_reference",
