@@ -82,6 +82,19 @@ def llama_lm(
     )
 
 
+def qwen2_lm(
+    vocab: int, hidden: int, layers: int, intermediate: int, seq: int, device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:  # fmt: skip
+    """A random Qwen2ForCausalLM (seed 0, untied head, heads of 64, a quarter as many key/value heads,
+    sdpa attention), built on ``device`` in ``dtype``. Nothing is downloaded."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return _causal_lm(
+        Qwen2Config, Qwen2ForCausalLM, 64, vocab, hidden, layers, intermediate, seq, device, dtype, "sdpa"
+    )
+
+
 def _causal_lm(
     config_class: type, model_class: type, head_dim: int, vocab: int, hidden: int, layers: int, intermediate: int,
     seq: int, device: torch.device, dtype: torch.dtype, attention: str,

@@ -20,6 +20,9 @@ exit code is 1 when any part failed; "needs CUDA" and "skipped" are not failures
     attack   attack+restore time and extra memory, the copied snippet vs fastadv.FGM, bf16 tables.
     step     a whole training step of a Llama-shaped model (plain, snippet FGM, fastadv FGM, AdamW, bf16):
              time relative to the plain step and peak memory; configurations that cannot fit are skipped.
+    cost     bench/step_cost.py on a Qwen2-like model (V = 151,936, d = 4096, 2 layers, bf16, 4 x 1024
+             tokens, fused AdamW): plain, snippet FGM, FGM.step, pgd.step, FreeLB, the gradient penalty,
+             each fastadv step with the table's gradient added as rows and with torch's dense backward.
     pgd      PGD K=3: the snippet's loop, fastadv's drop-in calls and pgd.step, on a smaller Llama.
     gp       the gradient penalty, finite difference vs exact (eager attention), on the same smaller Llama.
     kernels  each Triton kernel's achieved bandwidth as a fraction of the measured copy bandwidth.
@@ -29,7 +32,7 @@ exit code is 1 when any part failed; "needs CUDA" and "skipped" are not failures
              cut short has saved every measurement. --quick runs tests/test_sync_free.py only (CI runs
              the suite), so that this runner cannot rot.
 
-Results: gpu_attack.csv, gpu_step.csv, gpu_kernels.csv (appended, with device, versions, commit and
+Results: gpu_attack.csv, gpu_step.csv, gpu_step_cost.csv, gpu_kernels.csv (appended, with device, versions, commit and
 date), gpu_<device type>.png, gpu_tests.log and gpu_run.log (this output) under --out. A compact
 summary table is printed last.
 """
@@ -73,6 +76,8 @@ from gradient_penalty import EPSILON as GP_EPSILON
 from gradient_penalty import compare_gradient_penalty
 from pgd import ALPHA, K, compare_pgd
 from snippet_vs_fastadv import bench_attack
+from step_cost import COLUMNS as COST_COLUMNS
+from step_cost import QUICK_SHAPES, Shape, bench_shape
 from torch import nn
 
 from fastadv import FGM, PGD, GradientPenalty
@@ -94,7 +99,7 @@ from sync_checks import host_syncs_forbidden, static_row_sets  # noqa: E402
 
 # The suite runs last: a run cut short (a lease's time limit) has then saved every measurement, and
 # pytest's log so far.
-PARTS = ("sync", "graph", "attack", "step", "pgd", "gp", "kernels", "segment", "tests")
+PARTS = ("sync", "graph", "attack", "step", "cost", "pgd", "gp", "kernels", "segment", "tests")
 EPSILON = 1.0
 LLAMA_EMB_NAME = "embed_tokens"  # as the snippet is called on a Llama: model.embed_tokens.weight
 FIT_FRACTION = 0.85  # a configuration runs when its estimated peak is under this fraction of the device
@@ -131,6 +136,7 @@ class Sizes:
     compare: tuple[int, int, int, int, int, int]  # the pgd and gp parts' Llama: vocab, hidden, layers, inter, B, T
     kernels: tuple[int, int, int]  # vocab, dim, ids (positions) for the kernel bandwidths
     segment: tuple[int, int, int]  # vocab, dim, positions for the skewed segment sum
+    cost: Shape  # the cost part's model (bench/step_cost.py): every method's step, rows vs dense
     budgets_s: dict[str, float] = field(default_factory=dict)  # per part: no new configuration after this
 
 
@@ -149,7 +155,9 @@ FULL = Sizes(
     compare=(128000, 1024, 2, 3584, 4, 1024),
     kernels=(256000, 4096, 131072),
     segment=(128000, 4096, 32768),
-    budgets_s={"sync": 90, "graph": 90, "attack": 150, "step": 300, "pgd": 90, "gp": 90, "kernels": 90, "segment": 60},
+    cost=Shape("qwen2-4096", "qwen2", 151_936, 4096, 2, (4, 1024), "embed_tokens"),
+    budgets_s={"sync": 90, "graph": 90, "attack": 150, "step": 300, "cost": 120, "pgd": 90, "gp": 90, "kernels": 90}
+    | {"segment": 60},
 )
 QUICK = Sizes(
     repeats=1,
@@ -166,6 +174,7 @@ QUICK = Sizes(
     compare=(1000, 64, 1, 224, 2, 32),
     kernels=(1000, 60, 128),
     segment=(1000, 60, 128),
+    cost=QUICK_SHAPES["qwen2"],
     budgets_s={},
 )
 
@@ -240,7 +249,7 @@ def run_parts(run: Run, parts: list[str], skip_tests: bool) -> list[PartResult]:
     """Run ``parts`` in order, each caught, timed and budgeted; the others are listed as skipped."""
     functions: dict[str, Callable[[Run], str]] = {
         "tests": part_tests, "sync": part_sync, "graph": part_graph, "attack": part_attack, "step": part_step,
-        "pgd": part_pgd, "gp": part_gp, "kernels": part_kernels, "segment": part_segment,
+        "cost": part_cost, "pgd": part_pgd, "gp": part_gp, "kernels": part_kernels, "segment": part_segment,
     }  # fmt: skip
     results = []
     for name in PARTS:
@@ -873,6 +882,18 @@ def part_step(run: Run) -> str:
         for r in results[-2:]
     ]
     return "; ".join(parts + skipped) or "no configuration ran"
+
+
+def part_cost(run: Run) -> str:
+    """bench/step_cost.py on the device: plain, snippet, FGM, pgd.step, FreeLB, the penalty, rows vs dense."""
+    shape = run.sizes.cost
+    rows = bench_shape(shape, run.device, run.sizes.dtype, run.sizes.repeats, run.quick)
+    run.save("gpu_step_cost.csv", rows, COST_COLUMNS)
+    ratio = {(r["impl"], r["row_gradients"]): float(r["x_plain"]) for r in rows}
+    return (
+        f"{shape.name} {dtype_name(run.sizes.dtype)}: FGM {ratio[('fgm', 1)]:.2f}x plain with rows, "
+        f"{ratio[('fgm', 0)]:.2f}x dense; snippet {ratio[('snippet', 1)]:.2f}x"
+    )
 
 
 # ---------------------------------------------------------------- pgd, gp
