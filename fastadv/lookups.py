@@ -100,11 +100,8 @@ def known_lookup_scale(module: nn.Embedding, ids: torch.Tensor, output: torch.Te
         scale = scale.to(module.weight.dtype)
     if module not in _checked:
         with torch.no_grad():
-            try:
-                raw = nn.Embedding.forward(module, ids)
-            except (IndexError, RuntimeError):  # its argument is not the ids it looks up (BART's positions)
-                raw = None
-            _checked[module] = raw is not None and isinstance(output, torch.Tensor) and torch.equal(raw * scale, output)
+            raw = nn.Embedding.forward(module, ids)
+            _checked[module] = isinstance(output, torch.Tensor) and torch.equal(raw * scale, output)
     return scale if _checked[module] else None
 
 
@@ -195,7 +192,7 @@ class RowGradientHooks:
     def __init__(self, model: nn.Module) -> None:
         self._modules = weakref.WeakSet()
         for module in model.modules():
-            if not isinstance(module, nn.Embedding) or module in self._modules:
+            if not isinstance(module, nn.Embedding):
                 continue
             entry = _row_gradient_hooks.get(module)
             if entry is None:
