@@ -17,6 +17,9 @@ and ``zero_grad()``:
     plain+adversaries  the same on the model that carries the FGM, PGD, FreeLB and gradient-penalty
                        objects below, built and not attacking: what fastadv costs a step it sits out
     snippet            the copied FGM snippet (fastadv.snippets.SnippetFGM), on the untouched model
+    floor              FGM's two passes with nothing that grows with V in the second: a clean pass, then
+                       one with the table frozen (no table gradient at all), on the untouched model. The
+                       bar "fgm (rows)" is held to: its second pass adds U rows, this one none
     fgm, pgd, freelb, gp   FGM.step, PGD.step (K = 3), FreeLB.step (K = 3), GradientPenalty.step
                        (finite difference), each twice: "rows" (the default: a pass into a table whose
                        .grad is dense adds the table's gradient as its rows) and "dense"
@@ -58,8 +61,8 @@ from common import (
 
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
 from fastadv.benchmarking import cpu_memory_events, device_description, peak_memory_bytes, peak_of
-from fastadv.lookups import ROW_GRADIENTS_VARIABLE
 from fastadv.snippets import SnippetFGM
+from fastadv.lookups import ROW_GRADIENTS_VARIABLE
 
 CSV_PATH = RESULTS / "step_cost.csv"
 COLUMNS = [
@@ -121,6 +124,9 @@ QUICK_SHAPES = {
 }
 
 
+UNTOUCHED = ("plain", "snippet", "floor")  # the steps run on the model no fastadv object has touched
+
+
 @contextlib.contextmanager
 def row_gradients(enabled: bool) -> Iterator[None]:
     """FASTADV_ROW_GRADIENTS set to 1 or 0 inside the block (fastadv reads it at each lookup)."""
@@ -160,10 +166,18 @@ class Steps:
 
     def passes(self, impl: str) -> None:
         """The forward and backward passes of one step of ``impl`` (gradients left in .grad)."""
-        model = self.plain if impl in ("plain", "snippet") else self.adv
+        model = self.plain if impl in UNTOUCHED else self.adv
         closure = lambda: self.loss(model)  # noqa: E731
         if impl in ("plain", "plain+adversaries"):
             closure().backward()
+        elif impl == "floor":
+            closure().backward()
+            table = model.get_input_embeddings().weight
+            table.requires_grad_(False)
+            try:
+                closure().backward()
+            finally:
+                table.requires_grad_(True)
         elif impl == "snippet":
             closure().backward()
             self.snippet.attack(EPSILON, self.shape.emb_name)
@@ -174,7 +188,7 @@ class Steps:
 
     def step(self, impl: str, rows: bool = True) -> Callable[[], None]:
         """One whole training step of ``impl``: passes, optimizer step, zero_grad()."""
-        model = self.plain if impl in ("plain", "snippet") else self.adv
+        model = self.plain if impl in UNTOUCHED else self.adv
         optimizer = self.optimizers[id(model)]
 
         def run() -> None:
@@ -231,12 +245,17 @@ IMPLS = [  # (impl, row_gradients)
     ("plain", True),
     ("plain+adversaries", True),
     ("snippet", True),
+    ("floor", True),
     *[(m, rows) for m in ("fgm", "pgd", "freelb", "gp") for rows in (True, False)],
 ]
 
 
 def label(impl: str, rows: bool) -> str:
-    return impl if impl in ("plain", "plain+adversaries", "snippet") else f"{impl} ({'rows' if rows else 'dense'})"
+    return (
+        impl
+        if impl in ("plain", "plain+adversaries", "snippet", "floor")
+        else f"{impl} ({'rows' if rows else 'dense'})"
+    )
 
 
 def bench_shape(shape: Shape, device: torch.device, dtype: torch.dtype, repeats: int, quick: bool) -> list[dict]:
