@@ -62,7 +62,7 @@ from common import (
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
 from fastadv.benchmarking import cpu_memory_events, device_description, peak_memory_bytes, peak_of
 from fastadv.snippets import SnippetFGM
-from fastadv.lookups import ROW_GRADIENTS_VARIABLE
+from fastadv.targets.row_gradients import ROW_GRADIENTS_VARIABLE
 
 CSV_PATH = RESULTS / "step_cost.csv"
 COLUMNS = [

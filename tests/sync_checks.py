@@ -58,18 +58,21 @@ def host_syncs_forbidden(device: torch.device | str) -> Iterator[None]:
 def static_row_sets() -> Iterator[None]:
     """Inside the block, row sets and segment sums take their CUDA form on any device: static shapes
     (sorted ids, first-occurrence flags, min(N, V) slots), no torch.unique. Patches the names that
-    fastadv.target, fastadv.output_target and the row-gradient lookup's backward call."""
+    fastadv.targets (the recorder, the weight target, the lookups' gradient) and the row-gradient
+    lookup's backward call."""
     import fastadv.ops.lookup
-    import fastadv.output_target
-    import fastadv.target
+    import fastadv.targets.gradients
+    import fastadv.targets.recorder
+    import fastadv.targets.weight
     from fastadv.ops import compact_ids, row_set_from_ids, segment_sum_by_id
 
     static_rows = functools.partial(row_set_from_ids, static_shape=True)
     static_segments = functools.partial(segment_sum_by_id, static_shape=True)
     static_compact = functools.partial(compact_ids, static_shape=True)
     with (
-        mock.patch.object(fastadv.target, "row_set_from_ids", static_rows),
-        mock.patch.object(fastadv.output_target, "segment_sum_by_id", static_segments),
+        mock.patch.object(fastadv.targets.recorder, "row_set_from_ids", static_rows),
+        mock.patch.object(fastadv.targets.weight, "row_set_from_ids", static_rows),
+        mock.patch.object(fastadv.targets.gradients, "segment_sum_by_id", static_segments),
         mock.patch.object(fastadv.ops.lookup, "compact_ids", static_compact),
     ):
         yield

@@ -16,7 +16,7 @@ from torch import nn
 
 from fastadv import FGM, PGD
 from fastadv.snippets import SnippetFGM, SnippetPGD
-from fastadv.target import LookupRecorder
+from fastadv.targets.recorder import LookupRecorder
 
 EMB = "word_embeddings"
 

@@ -233,7 +233,7 @@ def test_zeroing_the_version_counter_cannot_see_stays_exact_and_warns(backend, m
     """Old scripts' ``p.grad.data.zero_()`` zeroes behind the version counter, so the record never
     resets (zero_grad(set_to_none=False) does reset it: test_fgm_snippet): exact, slower, said once."""
     from fastadv import FastAdvWarning
-    from fastadv.target import LookupRecorder
+    from fastadv.targets.recorder import LookupRecorder
 
     monkeypatch.setattr(LookupRecorder, "COMPACT_FLOOR", 30)  # compact after 30 + 4 * 211 ids
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
 """A pass into a table whose .grad is dense adds the table's gradient as its rows: no V x d temporary,
-and bit for bit torch's numbers on the CPU in fp32 (fastadv.ops.lookup, fastadv.lookups.RowGradientHooks)."""
+and bit for bit torch's numbers on the CPU in fp32 (fastadv.ops.lookup, fastadv.targets.RowGradientHooks)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from sync_checks import host_syncs_forbidden
 import fastadv.ops.lookup as lookup
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
 from fastadv.benchmarking import cpu_memory_events
-from fastadv.lookups import ROW_GRADIENTS_VARIABLE, RowGradientHooks
 from fastadv.ops import compact_ids, row_gradient_lookup
+from fastadv.targets.row_gradients import ROW_GRADIENTS_VARIABLE, RowGradientHooks
 
 EXACT = DEVICE == "cpu"  # CUDA's sorted segment reduction may sum in another order: 1e-6 relative there
 

@@ -1,4 +1,4 @@
-"""Adversarial methods: each says what perturbation to apply; fastadv.target says where."""
+"""Adversarial methods: each says what perturbation to apply; fastadv.targets says where."""
 
 from .fgm import FGM
 from .freelb import FreeLB

@@ -10,10 +10,17 @@ from torch import nn
 
 from ..distributed import data_parallel_wrapper, warn_if_unwrapped_data_parallel
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
-from ..lookups import RowGradientHooks
 from ..ops import Backend, resolve_backend
-from ..output_target import EmbeddingOutputs, OutputTarget
-from ..target import Target, TargetMode, attach_recorders, resolve_targets, tied_targets
+from ..targets import (
+    EmbeddingOutputs,
+    OutputTarget,
+    RowGradientHooks,
+    Target,
+    TargetMode,
+    attach_recorders,
+    resolve_targets,
+    tied_targets,
+)
 from ._common import SkipCounter
 
 
@@ -47,7 +54,7 @@ class EmbeddingAttack:
         self._recorders = attach_recorders(model)
         self._outputs: dict[object, OutputTarget] = {}  # one set of output hooks per table and modules
         self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
-        # Every later pass into a table with a dense .grad adds its gradient as rows (see fastadv.lookups).
+        # Every later pass into a dense .grad adds its gradient as rows (see fastadv.targets.row_gradients).
         self._row_gradients = {"hooks": RowGradientHooks(model)}
         self._detach = weakref.finalize(
             self, _remove_hooks, self._recorders, self._outputs, self._lookups, self._row_gradients

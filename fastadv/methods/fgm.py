@@ -11,7 +11,7 @@ from torch import nn
 
 from ..distributed import process_group_initialized
 from ..errors import AttackStateError
-from ..target import Target, TargetMode
+from ..targets import Target, TargetMode
 from ._attack import EmbeddingAttack
 from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
 

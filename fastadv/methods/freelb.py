@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import EmbeddingNotFoundError, MissingGradientError
-from ..lookups import RowGradientHooks, lookup_scale, on_output
-from ..target import TableLookups, named_tables
+from ..targets import RowGradientHooks, TableLookups, lookup_scale, named_tables, on_output
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
 
 FreeLBNorm = Literal["l2", "linf"]

@@ -10,9 +10,7 @@ from torch import nn
 
 from ..distributed import data_parallel_wrapper
 from ..errors import FastAdvError, MissingGradientError
-from ..lookups import RowGradientHooks
-from ..output_target import EmbeddingOutputs
-from ..target import named_tables
+from ..targets import EmbeddingOutputs, RowGradientHooks, named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
 
 Mode = Literal["finite_difference", "exact"]

@@ -9,9 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvError, FastAdvWarning, MissingGradientError
-from ..lookups import table_modules
-from ..output_target import EmbeddingOutputs, OutputTarget
-from ..target import LookupRecorder, Target, TargetMode, WeightTarget
+from ..targets import EmbeddingOutputs, LookupRecorder, OutputTarget, Target, TargetMode, WeightTarget, table_modules
 from ._attack import EmbeddingAttack
 from ._common import BackwardFn, Closure, check_epsilon, check_loss, output_gradients, plain_backward
 

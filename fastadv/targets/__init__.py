@@ -1,0 +1,50 @@
+"""Where a perturbation lives: the touched rows of an embedding weight, or the embedding's output.
+
+One module per concern, each importing only those listed before it:
+
+    tables.py         which tables a model has, which modules look each up, what emb_name names
+    scale.py          how a module's output relates to the raw lookup (embed_scale)
+    row_gradients.py  passes into a dense .grad add the table's gradient as rows
+    gradients.py      a table's gradient from its lookups' dL/de, per id or per position
+    edges.py          recent lookups as autograd edges (dL/de for PGD's inner passes, the penalty)
+    recorder.py       which rows of a table can hold a gradient
+    weight.py         weight mode: rows perturbed in place and restored bit for bit
+    output.py         output mode: a delta added to the lookups' output in forward hooks
+    resolve.py        choosing between them for emb_name and target=
+
+This layer decides nothing about the perturbation's size: methods pass epsilon, the norm and the
+skip flag.
+"""
+
+from .edges import EmbeddingOutputs
+from .gradients import Lookups, gradient_rows
+from .output import OutputTarget
+from .recorder import LookupRecorder, attach_recorders
+from .resolve import Target, TargetMode, resolve_targets, tied_targets
+from .row_gradients import ROW_GRADIENTS_VARIABLE, RowGradientHooks
+from .scale import lookup_scale, on_output, raw_gradient
+from .tables import TableLookups, embedding_modules, named_tables, table_modules
+from .weight import WeightTarget
+
+__all__ = [
+    "ROW_GRADIENTS_VARIABLE",
+    "EmbeddingOutputs",
+    "LookupRecorder",
+    "Lookups",
+    "OutputTarget",
+    "RowGradientHooks",
+    "TableLookups",
+    "Target",
+    "TargetMode",
+    "WeightTarget",
+    "attach_recorders",
+    "embedding_modules",
+    "gradient_rows",
+    "lookup_scale",
+    "named_tables",
+    "on_output",
+    "raw_gradient",
+    "resolve_targets",
+    "table_modules",
+    "tied_targets",
+]

@@ -1,0 +1,44 @@
+"""The gradient of a table's lookups, from each lookup's dL/de: summed per token id, or per position."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MissingGradientError
+from ..ops import RowSet, segment_sum_by_id
+from ..ops.backend import Backend
+
+Lookups = list[tuple[torch.Tensor, torch.Tensor]]  # (token ids, dL/de of that lookup) per lookup
+
+
+def gradient_rows(
+    lookups: Lookups, num_rows: int, padding_idx: int | None, share_rows: bool, backend: Backend, name: str
+) -> tuple[RowSet, torch.Tensor]:
+    """The gradient of a table's lookups: per distinct id (summed, the weight gradient) or per position.
+
+    Args:
+        lookups: (ids of any shape, dL/de [*ids.shape, d]) per lookup.
+        num_rows: the table's rows (V); the per-id sums take at most min(N, V) rows for N ids.
+        padding_idx: the table's padding row, which gets no gradient (as in the weight gradient).
+        share_rows: True sums per id; False keeps one row per position (a single lookup only).
+
+    Returns:
+        (row_set, grad): grad [N, d] addressed through ``row_set.grad_rows``; rows sorted.
+    """
+    d = lookups[0][1].shape[-1]
+    ids = _joined([i.reshape(-1) for i, _ in lookups]).to(torch.int64)
+    grads = _joined([g.reshape(-1, d) for _, g in lookups])
+    if share_rows:
+        return segment_sum_by_id(grads, ids, num_rows, padding_idx, backend=backend)
+    if len(lookups) > 1:
+        raise MissingGradientError(
+            f"share_rows=False perturbs each token position of one batch, but '{name}' was looked "
+            f"up {len(lookups)} times in the last backward pass. Use share_rows=True."
+        )
+    positions = torch.arange(ids.numel(), device=ids.device)
+    return RowSet(positions, positions), grads
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat, without the copy when there is one part (the usual single lookup per pass)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
