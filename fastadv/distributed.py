@@ -16,11 +16,15 @@ adversary and the wrapper are built does not matter (``FGM(model)`` then ``DDP(m
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel  # loaded by `import torch` already
+
+from .errors import FastAdvWarning
 
 # DDP sets this private class attribute (TorchDynamo's DDPOptimizer reads it) to itself around its
 # wrapped module's forward, `no_sync()` included: earlier releases reset it to None afterwards,
@@ -56,12 +60,6 @@ def data_parallel_wrapper(model: nn.Module) -> nn.Module | None:
         if isinstance(module, DistributedDataParallel):
             return module
     return None
-
-
-def data_parallel_group(model: nn.Module) -> object | None:
-    """The process group of the DistributedDataParallel wrapper of ``model``, or None."""
-    wrapper = data_parallel_wrapper(model)
-    return None if wrapper is None else wrapper.process_group
 
 
 def unwrap_data_parallel(model: nn.Module) -> tuple[str, nn.Module]:
@@ -143,23 +141,56 @@ def all_reduce_sum(t: torch.Tensor, group: object) -> torch.Tensor:
     return t
 
 
-def warn_if_unwrapped_data_parallel(group: object | None) -> str | None:
-    """A warning's text when ranks train together but no DDP wrapper (nor FSDP2 shard) says how they share
-    gradients: the model given to fastadv is not one, and no lookup ran inside a DDP forward so far."""
-    if group is not None or not _distributed() or torch.distributed.get_world_size() == 1:
-        return None
-    how = (
-        "no embedding lookup ran inside a DistributedDataParallel forward so far"
-        if DDP_FORWARD_VISIBLE
-        else f"this torch ({torch.__version__}) does not say which DistributedDataParallel forward is running "
-        f"(DistributedDataParallel.{_ACTIVE_DDP} is gone), so fastadv cannot find the wrapper by itself"
-    )
-    return (
-        "torch.distributed runs several ranks, but fastadv knows of no DistributedDataParallel wrapper: the model "
-        f"given to it is not one, and {how}. Each rank perturbs the rows of its own batch only. If gradients are "
-        "averaged across ranks, build the adversary on the DDP-wrapped model, or call bind_data_parallel(ddp_model), "
-        "so the rows of every rank's batch are perturbed."
-    )
+class DataParallelBinding:
+    """The one DistributedDataParallel wrapper an adversary works with, and its process group.
+
+    Found in the model given to the adversary (it, or a submodule), bound later with :meth:`bind`
+    (a Trainer or ``accelerator.prepare`` wraps after the adversary is built), or seen in a forward
+    pass (a lookup inside a DDP forward names its wrapper, see :func:`data_parallel_forward`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.wrapper = data_parallel_wrapper(model)
+        self._warned_unwrapped = False
+
+    @property
+    def group(self) -> object | None:
+        """The wrapper's process group: the ranks whose gradients DDP averages (None without a wrapper)."""
+        return None if self.wrapper is None else self.wrapper.process_group
+
+    def bind(self, wrapper: nn.Module | None) -> bool:
+        """Use ``wrapper`` from now on; True when it is another than the one bound (None changes nothing)."""
+        if wrapper is None or wrapper is self.wrapper:
+            return False
+        self.wrapper = wrapper
+        return True
+
+    def no_sync(self) -> contextlib.AbstractContextManager:
+        """The wrapper's ``no_sync()`` (no gradient all-reduce in the block); a no-op without a wrapper."""
+        return contextlib.nullcontext() if self.wrapper is None else self.wrapper.no_sync()
+
+    def warn_if_unwrapped(self, groups: list[object | None], stacklevel: int) -> None:
+        """Warn once when ranks train together but neither this binding nor any of ``groups`` (an FSDP2
+        table's own) says how they share gradients: each rank would perturb its own batch's rows only."""
+        if self._warned_unwrapped or any(g is not None for g in [self.group, *groups]):
+            return
+        if not _distributed() or torch.distributed.get_world_size() == 1:
+            return
+        self._warned_unwrapped = True
+        how = (
+            "no embedding lookup ran inside a DistributedDataParallel forward so far"
+            if DDP_FORWARD_VISIBLE
+            else f"this torch ({torch.__version__}) does not say which DistributedDataParallel forward is running "
+            f"(DistributedDataParallel.{_ACTIVE_DDP} is gone), so fastadv cannot find the wrapper by itself"
+        )
+        warnings.warn(
+            "torch.distributed runs several ranks, but fastadv knows of no DistributedDataParallel wrapper: the model "
+            f"given to it is not one, and {how}. Each rank perturbs the rows of its own batch only. If gradients are "
+            "averaged across ranks, build the adversary on the DDP-wrapped model, or call "
+            "bind_data_parallel(ddp_model), so the rows of every rank's batch are perturbed.",
+            FastAdvWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def average_rows_over_ranks(

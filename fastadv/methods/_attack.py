@@ -1,18 +1,22 @@
-"""What FGM and PGD share: the hooks on the model, the targets by emb_name, restore and the skip count."""
+"""What FGM and PGD share: the hooks on the model, the targets by emb_name, one perturbation of them
+(gradients, norms, the finite check, apply, rollback, the skip count) and restore."""
 
 from __future__ import annotations
 
 import warnings
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ..distributed import data_parallel_wrapper, warn_if_unwrapped_data_parallel
+from ..distributed import DataParallelBinding, all_reduce_sum
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
-from ..ops import Backend, resolve_backend
+from ..ops import Backend, resolve_backend, rows_l2_norm
 from ..targets import (
     EmbeddingOutputs,
+    Gradient,
+    Lookups,
     OutputTarget,
     RowGradientHooks,
     Target,
@@ -48,9 +52,7 @@ class EmbeddingAttack:
         self.target: TargetMode = target
         self.share_rows = bool(share_rows)
         self.backend: Backend | None = None  # the backend of the last attack()
-        self._ddp = data_parallel_wrapper(model)
-        self._group = None if self._ddp is None else self._ddp.process_group
-        self._warned_unwrapped = False
+        self._data_parallel = DataParallelBinding(model)
         self._recorders = attach_recorders(model)
         self._outputs: dict[object, OutputTarget] = {}  # one set of output hooks per table and modules
         self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
@@ -60,7 +62,7 @@ class EmbeddingAttack:
             self, _remove_hooks, self._recorders, self._outputs, self._lookups, self._row_gradients
         )
         self._targets_by_name: dict[str | None, list[Target]] = {}
-        self._attacked: list[Target] | None = None
+        self._attacked: list[tuple[Target, object]] | None = None  # (target, its perturbation's handle)
         self._skipped = SkipCounter()
         self._warned_tied = False
 
@@ -83,8 +85,8 @@ class EmbeddingAttack:
         pass matters only to ``fgm.step(..., clean_no_sync=True)``, whose first clean pass otherwise runs
         with the gradients all-reduced (same numbers, one more all-reduce).
         """
-        wrapper = data_parallel_wrapper(model)
-        if wrapper is None or wrapper is self._ddp:
+        wrapper = DataParallelBinding(model).wrapper
+        if wrapper is None or wrapper is self._data_parallel.wrapper:
             return
         if self._attacked is not None:
             raise AttackStateError("bind_data_parallel() called during an attack: call restore() first.")
@@ -99,21 +101,21 @@ class EmbeddingAttack:
             raise AttackStateError("restore() called without a matching attack(): there is nothing to restore.")
         if emb_name is not None:
             asked = {id(t.param) for t in self._targets(emb_name)}
-            if asked != {id(t.param) for t in self._attacked}:
-                attacked = ", ".join(t.name for t in self._attacked)
+            if asked != {id(t.param) for t, _ in self._attacked}:
+                attacked = ", ".join(t.name for t, _ in self._attacked)
                 raise EmbeddingNotFoundError(
                     f"restore(emb_name={emb_name!r}) names other parameters than attack() perturbed ({attacked}); "
                     "they are still perturbed. Call restore() with the attack's emb_name, or with none."
                 )
-        targets, self._attacked = self._attacked, None
-        for target in targets:
-            target.restore()
+        attacked, self._attacked = self._attacked, None
+        for target, perturbation in attacked:
+            target.restore(perturbation)
 
     # ------------------------------------------------------------ internals
 
     def _bind(self, wrapper: nn.Module) -> None:
-        self._ddp, self._group = wrapper, wrapper.process_group
-        self._targets_by_name.clear()  # targets take the group when they are resolved again
+        if self._data_parallel.bind(wrapper):
+            self._targets_by_name.clear()  # targets take the group when they are resolved again
 
     def _bind_data_parallel_seen(self) -> None:
         """Bind the DDP wrapper whose forward pass looked a table up, if it is not the one bound (the
@@ -122,7 +124,7 @@ class EmbeddingAttack:
             return
         for recorder in self._recorders.values():
             wrapper = recorder.data_parallel
-            if wrapper is not None and wrapper is not self._ddp:
+            if wrapper is not None and wrapper is not self._data_parallel.wrapper:
                 self._bind(wrapper)
                 return
 
@@ -131,27 +133,59 @@ class EmbeddingAttack:
         targets = self._targets_by_name.get(emb_name)
         if targets is None:
             targets = resolve_targets(
-                self.model, emb_name, self._recorders, self.target, self.share_rows, self._outputs, self._group
+                self.model,
+                emb_name,
+                self._recorders,
+                self.target,
+                self.share_rows,
+                self._outputs,
+                self._data_parallel.group,
             )
             self._targets_by_name[emb_name] = targets
             self._warn_if_tied(targets)
         return targets
 
-    def _gradient_norms(
-        self, targets: list[Target], lookups: dict[int, list] | None = None, average_over_ranks: bool = False
-    ) -> torch.Tensor:
-        """Prepare every target (from ``.grad``, the captured dL/de, or ``lookups`` by target id); their norms."""
+    def _perturb(
+        self,
+        targets: list[Target],
+        apply: Callable[[Target, Gradient, torch.Tensor, torch.Tensor, Backend], object],
+        lookups: dict[int, Lookups] | None = None,
+        average_over_ranks: bool = False,
+        skip_zero: bool = True,
+    ) -> None:
+        """One perturbation of every target: their gradients (``.grad``, the captured dL/de, or
+        ``lookups`` by target id), their norms, then ``apply(target, gradient, norm, ok, backend)``,
+        which returns the perturbation's handle.
+
+        A non-finite norm anywhere skips the whole step on the device (``ok`` False for every target:
+        nothing moves) and is counted; ``skip_zero`` also leaves a target with a zero gradient as it is.
+        Should ``apply`` raise on the round's first perturbation, what it had perturbed is restored.
+        """
         # FSDP2 tables know their group from the parameter; the warning is for ranks with no group at all.
-        group = next((g for g in [self._group, *(t.group for t in targets)] if g is not None), None)
-        if not self._warned_unwrapped and (message := warn_if_unwrapped_data_parallel(group)) is not None:
-            self._warned_unwrapped = True
-            warnings.warn(message, FastAdvWarning, stacklevel=4)
+        self._data_parallel.warn_if_unwrapped([t.group for t in targets], stacklevel=4)
         backend = resolve_backend(targets[0].param.device)
-        for target in targets:
-            target.prepare(backend, None if lookups is None else lookups[id(target)], average_over_ranks)
-        self.backend = backend
         device = targets[0].param.device
-        return torch.stack([t.gradient_norm(backend).to(device) for t in targets])
+        before = dict(self._attacked or [])  # a PGD round in progress: each target's perturbation so far
+        gradients = [
+            target.gradient(
+                backend, None if lookups is None else lookups[id(target)], average_over_ranks, before.get(target)
+            )
+            for target in targets
+        ]
+        self.backend = backend
+        norms = torch.stack([gradient_norm(g, backend).to(device) for g in gradients])
+        finite = torch.isfinite(norms).all()
+        done: list[tuple[Target, object]] = []
+        try:
+            for target, gradient, norm in zip(targets, gradients, norms, strict=True):
+                ok = finite & (norm > 0) if skip_zero else finite
+                done.append((target, apply(target, gradient, norm, ok, backend)))
+        except BaseException:
+            for target, perturbation in done if not before else ():
+                target.restore(perturbation)
+            raise
+        self._skipped.add(~finite)
+        self._attacked = done
 
     def _warn_if_tied(self, targets: list[Target]) -> None:
         for target, names in tied_targets(self.model, targets):
@@ -174,3 +208,12 @@ def _remove_hooks(*registries: dict) -> None:
         for hooked in registry.values():
             hooked.remove()
         registry.clear()
+
+
+def gradient_norm(gradient: Gradient, backend: Backend) -> torch.Tensor:
+    """fp32 0-dim: the L2 norm of a target's gradient over its rows (every rank's terms where
+    ``gradient.norm_group`` holds the rest: an FSDP2 shard, per-position deltas under DDP)."""
+    norm = rows_l2_norm(gradient.values, gradient.rows, backend)
+    if gradient.norm_group is None:
+        return norm
+    return all_reduce_sum(norm.square().reshape(1), gradient.norm_group).sqrt().reshape(())

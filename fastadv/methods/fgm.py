@@ -11,7 +11,8 @@ from torch import nn
 
 from ..distributed import process_group_initialized
 from ..errors import AttackStateError
-from ..targets import Target, TargetMode
+from ..ops import Backend
+from ..targets import Gradient, Target, TargetMode
 from ._attack import EmbeddingAttack
 from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
 
@@ -85,7 +86,7 @@ class FGM(EmbeddingAttack):
             emb_name: which parameters (default: the constructor's); see the class docstring.
         """
         if self._attacked is not None:
-            names = ", ".join(t.name for t in self._attacked)
+            names = ", ".join(t.name for t, _ in self._attacked)
             raise AttackStateError(
                 f"attack() called again before restore(); {names} is still perturbed and was left as it is. "
                 "Call restore() after the adversarial backward pass, before the next attack()."
@@ -95,21 +96,13 @@ class FGM(EmbeddingAttack):
     def _attack(self, epsilon: float | None, emb_name: str | None, average_over_ranks: bool = False) -> None:
         epsilon = self.epsilon if epsilon is None else check_epsilon(epsilon)
         targets = self._targets(self.emb_name if emb_name is None else emb_name)
-        norms = self._gradient_norms(targets, average_over_ranks=average_over_ranks)
-        # A non-finite gradient anywhere skips the whole step, on the device: weights stay untouched.
-        finite = torch.isfinite(norms).all()
-        done: list[Target] = []
-        try:
-            for target, norm in zip(targets, norms, strict=True):
-                ok = finite if self.norm == "sign" else finite & (norm > 0)
-                target.add(epsilon, norm, ok, self.norm == "sign", self.backend)
-                done.append(target)
-        except BaseException:
-            for target in done:
-                target.restore()
-            raise
-        self._skipped.add(~finite)
-        self._attacked = targets
+        sign = self.norm == "sign"
+
+        def add(target: Target, gradient: Gradient, norm: torch.Tensor, ok: torch.Tensor, backend: Backend) -> object:
+            return target.add(gradient, epsilon, norm, ok, sign, backend)
+
+        # The sign's step is epsilon on every coordinate, so a zero norm does not skip it.
+        self._perturb(targets, add, average_over_ranks=average_over_ranks, skip_zero=not sign)
 
     # ------------------------------------------------------------ conveniences
 
@@ -141,13 +134,13 @@ class FGM(EmbeddingAttack):
         backward = backward or plain_backward
         if clean_no_sync:
             self._bind_data_parallel_seen()  # the wrapper an earlier step's forward ran in
-        if clean_no_sync and self._ddp is None and not process_group_initialized():
+        if clean_no_sync and self._data_parallel.wrapper is None and not process_group_initialized():
             raise ValueError(
                 "clean_no_sync=True runs the clean pass under DistributedDataParallel.no_sync(), but torch.distributed "
                 "is not initialized, so there is no DDP wrapper. Leave clean_no_sync False."
             )
-        if clean_no_sync and self._ddp is not None:
-            with self._ddp.no_sync():
+        if clean_no_sync and self._data_parallel.wrapper is not None:
+            with self._data_parallel.no_sync():
                 loss = check_loss(closure(), "closure()")
                 backward(loss)
             self._attack(None, None, average_over_ranks=True)

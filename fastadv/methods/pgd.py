@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
 from torch import nn
 
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvError, FastAdvWarning, MissingGradientError
-from ..targets import EmbeddingOutputs, LookupRecorder, OutputTarget, Target, TargetMode, WeightTarget, table_modules
+from ..ops import Backend
+from ..targets import (
+    EmbeddingOutputs,
+    Gradient,
+    LookupRecorder,
+    OutputTarget,
+    Target,
+    TargetMode,
+    WeightTarget,
+    table_modules,
+)
 from ._attack import EmbeddingAttack
 from ._common import BackwardFn, Closure, check_epsilon, check_loss, output_gradients, plain_backward
 
@@ -126,10 +135,10 @@ class PGD(EmbeddingAttack):
                     "attack(is_first_attack=False) called before the round's first attack, so there are no clean "
                     "rows to project around. Call attack(is_first_attack=(t == 0)) in the loop, as the snippet does."
                 )
-            if {id(t) for t in targets} != {id(t) for t in self._attacked}:
+            if {id(t) for t in targets} != {id(t) for t, _ in self._attacked}:
                 raise EmbeddingNotFoundError(
                     f"attack(emb_name={emb_name!r}) names other parameters than this round's first attack "
-                    f"({', '.join(t.name for t in self._attacked)}). Use one emb_name for the whole round."
+                    f"({', '.join(t.name for t, _ in self._attacked)}). Use one emb_name for the whole round."
                 )
         self._ascend(targets, epsilon, alpha)
 
@@ -210,21 +219,14 @@ class PGD(EmbeddingAttack):
         return targets
 
     def _ascend(self, targets: list[Target], epsilon: float, alpha: float, gradients: dict | None = None) -> None:
-        first = self._attacked is None
-        norms = self._gradient_norms(targets, gradients)
-        # A non-finite gradient anywhere skips the step on the device: the rows stay where they are.
-        finite = torch.isfinite(norms).all()
-        done: list[Target] = []
-        try:
-            for target, norm in zip(targets, norms, strict=True):
-                target.ascend(alpha, epsilon, norm, finite & (norm > 0), self.backend)
-                done.append(target)
-        except BaseException:
-            for target in done if first else ():
-                target.restore()
-            raise
-        self._skipped.add(~finite)
-        self._attacked = targets
+        before = dict(self._attacked or [])  # each target's perturbation so far in this round
+
+        def ascend(
+            target: Target, gradient: Gradient, norm: torch.Tensor, ok: torch.Tensor, backend: Backend
+        ) -> object:
+            return target.ascend(gradient, alpha, epsilon, norm, ok, backend, before.get(target))
+
+        self._perturb(targets, ascend, gradients)
 
     def _lookup_recorders(self, targets: list[Target]) -> dict[int, list[EmbeddingOutputs]]:
         """The lookup recorders of each target's embedding modules, by target id (made on first use,
@@ -262,7 +264,7 @@ class PGD(EmbeddingAttack):
         for recorder in recorders.values():
             recorder.clear()
         # Under DDP the pass must not arm the gradient all-reduce: it computes no parameter gradient.
-        with self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext():
+        with self._data_parallel.no_sync():
             loss = check_loss(closure(), "closure()")
             if scaler is not None:  # only the direction is used: the scale needs no undoing
                 loss = scaler.scale(loss)

@@ -6,6 +6,7 @@ One module per concern, each importing only those listed before it:
     scale.py          how a module's output relates to the raw lookup (embed_scale)
     row_gradients.py  passes into a dense .grad add the table's gradient as rows
     gradients.py      a table's gradient from its lookups' dL/de, per id or per position
+    base.py           what a target gives a method: a Gradient value, a perturbation handle
     edges.py          recent lookups as autograd edges (dL/de for PGD's inner passes, the penalty)
     recorder.py       which rows of a table can hold a gradient
     weight.py         weight mode: rows perturbed in place and restored bit for bit
@@ -16,11 +17,12 @@ This layer decides nothing about the perturbation's size: methods pass epsilon, 
 skip flag.
 """
 
+from .base import Gradient, Target
 from .edges import EmbeddingOutputs
 from .gradients import Lookups, gradient_rows
 from .output import OutputTarget
 from .recorder import LookupRecorder, attach_recorders
-from .resolve import Target, TargetMode, resolve_targets, tied_targets
+from .resolve import TargetMode, resolve_targets, tied_targets
 from .row_gradients import ROW_GRADIENTS_VARIABLE, RowGradientHooks
 from .scale import lookup_scale, on_output, raw_gradient
 from .tables import TableLookups, embedding_modules, named_tables, table_modules
@@ -29,6 +31,7 @@ from .weight import WeightTarget
 __all__ = [
     "ROW_GRADIENTS_VARIABLE",
     "EmbeddingOutputs",
+    "Gradient",
     "LookupRecorder",
     "Lookups",
     "OutputTarget",

@@ -15,13 +15,16 @@ norm is taken over every rank's positions: the perturbation one process on the w
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from ..distributed import all_reduce_sum, average_rows_over_ranks
+from ..distributed import average_rows_over_ranks
 from ..errors import MissingGradientError
 from ..ops import RowSet, gather_rows, rows_l2_norm
 from ..ops.backend import Backend
+from .base import Gradient
 from .gradients import Lookups, gradient_rows
 from .scale import lookup_scale, on_output, raw_gradient
 
@@ -53,11 +56,7 @@ class OutputTarget:
         self._padding_idx = paddings.pop() if len(paddings) == 1 else None
         self._captured: Lookups = []  # (ids, dL/d(raw lookup)) per lookup, of the last backward pass
         self._forward_since_capture = True
-        self._grad: torch.Tensor | None = None  # set by prepare(): the gradient rows
-        self._grad_set: RowSet | None = None  # and where they live
-        self._rows: RowSet | None = None  # set while attacking: the slots of delta
-        self._delta: torch.Tensor | None = None  # fp32 [N, d], added in the forward hooks
-        self._shape: torch.Size | None = None  # share_rows=False: the batch's ids shape
+        self._armed: OutputDelta | None = None  # while attacking: the delta the forward hooks add
         self._handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.modules]
 
     def __repr__(self) -> str:
@@ -72,7 +71,7 @@ class OutputTarget:
 
     def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         ids = (args[0] if args else kwargs["input"]).detach()
-        armed = self._delta is not None
+        armed = self._armed is not None
         capture = torch.is_grad_enabled() and (not armed or self.capture_perturbed)
         if not (armed or capture):
             return None
@@ -98,16 +97,19 @@ class OutputTarget:
 
     # ------------------------------------------------------------ the attack
 
-    def check_trainable(self) -> None:
-        """Output mode needs no trainable weight."""
-
-    def prepare(self, backend: Backend, lookups: Lookups | None = None, average_over_ranks: bool = False) -> None:
-        """Sum dL/de per token id (or keep it per position); raises before anything changes.
+    def gradient(
+        self,
+        backend: Backend,
+        lookups: Lookups | None = None,
+        average_over_ranks: bool = False,
+        within: OutputDelta | None = None,
+    ) -> Gradient:
+        """dL/de summed per token id (or kept per position); raises before anything changes.
 
         ``lookups`` (ids, dL/d(raw lookup)) replaces the captured gradient (PGD's intermediate
-        passes). While attacking, the gradient is re-addressed to the slots of the current delta.
-        Output mode always uses this rank's own micro-batch gradient, so ``average_over_ranks``
-        changes nothing.
+        passes). ``within``, the delta of a PGD round in progress: the gradient is re-addressed to
+        its slots. Output mode always uses this rank's own micro-batch gradient, so
+        ``average_over_ranks`` changes nothing.
         """
         lookups = self._captured if lookups is None else lookups
         if not lookups:
@@ -121,64 +123,77 @@ class OutputTarget:
         if self.group is not None and self.share_rows:  # as one process on the whole batch would see it
             ids = torch.cat([i.reshape(-1) for i, _ in lookups])
             grad, grad_set = average_rows_over_ranks(ids, vocab, grad, grad_set, self.group)
-        if self._rows is not None:
-            grad, grad_set = gather_rows(grad, grad_set, self._rows.rows), self._rows.as_slots()
-        elif not self.share_rows:
-            self._shape = lookups[0][0].shape
-        self._grad_set, self._grad = grad_set, grad
-
-    def gradient_norm(self, backend: Backend) -> torch.Tensor:
-        """fp32 0-dim: the L2 norm of the weight-equivalent gradient (share_rows) or of dL/de."""
-        assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        norm = rows_l2_norm(self._grad, self._grad_set, backend)
-        if self.group is None or self.share_rows:
-            return norm
+        positions = None if self.share_rows else lookups[0][0].shape
+        if within is not None:
+            grad, grad_set = gather_rows(grad, grad_set, within.rows.rows), within.rows.as_slots()
+            positions = within.positions
         # One delta per position: the norm over every rank's positions, as over the whole batch.
-        return all_reduce_sum(norm.square().reshape(1), self.group).sqrt().reshape(())
+        norm_group = None if self.share_rows else self.group
+        return Gradient(grad, grad_set, norm_group, positions)
 
-    def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
+    def add(
+        self, gradient: Gradient, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend
+    ) -> OutputDelta:
         """Arm the forward hooks with delta = epsilon * g / norm (or epsilon * sign(g)); 0 when not ``ok``."""
-        assert self._grad is not None, "prepare() first"
-        g = self._grad.float()
+        g = gradient.values.float()
         # One new buffer (the captured gradient itself is not ours to modify); a skip zeroes it.
         delta = torch.sign(g).mul_(epsilon) if sign else g.mul(epsilon).div_(norm)
-        self._delta = delta.masked_fill_(~ok, 0.0)
-        self._rows, self._grad = self._grad_set, None
+        self._armed = OutputDelta(delta.masked_fill_(~ok, 0.0), gradient.rows, gradient.positions)
+        return self._armed
 
-    def ascend(self, alpha: float, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, backend: Backend) -> None:
+    def ascend(
+        self,
+        gradient: Gradient,
+        alpha: float,
+        epsilon: float,
+        norm: torch.Tensor,
+        ok: torch.Tensor,
+        backend: Backend,
+        previous: OutputDelta | None,
+    ) -> OutputDelta:
         """PGD: delta += alpha * g / norm, projected into the L2 ball of radius epsilon (unchanged when not ``ok``).
 
-        The first call of a round starts from delta = 0 on the gradient's slots.
+        The first call of a round (``previous`` None) starts from delta = 0 on the gradient's slots.
         """
-        assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        step = self._grad.float().mul(alpha).div_(norm)
-        first = self._delta is None
-        if first:
-            self._rows = self._grad_set
-        r = step if first else step.add_(self._delta)
-        r_norm = rows_l2_norm(r, self._rows.as_slots(), backend)
+        step = gradient.values.float().mul(alpha).div_(norm)
+        rows = gradient.rows if previous is None else previous.rows
+        r = step if previous is None else step.add_(previous.delta)
+        r_norm = rows_l2_norm(r, rows.as_slots(), backend)
         r = torch.where(r_norm > epsilon, r * (epsilon / r_norm), r)
-        self._delta = r.masked_fill_(~ok, 0.0) if first else torch.where(ok, r, self._delta)
-        self._grad = None
+        delta = r.masked_fill_(~ok, 0.0) if previous is None else torch.where(ok, r, previous.delta)
+        self._armed = OutputDelta(delta, rows, gradient.positions)
+        return self._armed
 
-    def restore(self) -> None:
+    def restore(self, perturbation: OutputDelta) -> None:
         """Disarm the hooks. Nothing was written, so there is nothing to copy back.
 
         The clean pass's gradient stays until the next backward pass reaches the lookups, so
         attack() may run again on it, as weight mode may on ``.grad``.
         """
-        self._delta = self._rows = self._grad_set = self._shape = None
+        self._armed = None
 
     def _perturbation(self, ids: torch.Tensor) -> torch.Tensor:
         """delta for each position of ``ids``: [*ids.shape, d], fp32."""
-        assert self._delta is not None and self._rows is not None
+        armed = self._armed
+        assert armed is not None
         if not self.share_rows:
-            if ids.shape != self._shape:
+            if ids.shape != armed.positions:
+                batch = tuple(armed.positions or ())
                 raise RuntimeError(
-                    f"share_rows=False holds one delta per token position of a batch of shape {tuple(self._shape)}, "
+                    f"share_rows=False holds one delta per token position of a batch of shape {batch}, "
                     f"but the adversarial forward looked up {tuple(ids.shape)}: run it on the same batch."
                 )
-            return self._delta.view(*ids.shape, -1)
+            return armed.delta.view(*ids.shape, -1)
         # Ids the clean pass never saw get no delta.
-        delta = gather_rows(self._delta, self._rows.as_slots(), ids.reshape(-1).to(torch.int64))
+        delta = gather_rows(armed.delta, armed.rows.as_slots(), ids.reshape(-1).to(torch.int64))
         return delta.view(*ids.shape, -1)
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    """An output perturbation's handle: delta, fp32 [N, d], on ``rows``' slots (per id, or per position
+    of a batch of ids shape ``positions``)."""
+
+    delta: torch.Tensor
+    rows: RowSet
+    positions: torch.Size | None

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import Literal, Union
+from typing import Literal
 
 from torch import nn
 
 from ..distributed import data_parallel_group_of_shard, row_shard
 from ..errors import EmbeddingNotFoundError, FrozenEmbeddingError
+from .base import Target
 from .output import OutputTarget
 from .recorder import LookupRecorder
 from .tables import (
@@ -23,7 +24,6 @@ from .tables import (
 from .weight import OUTPUT_MODE_HINT, WeightTarget
 
 TargetMode = Literal["auto", "weight", "output"]
-Target = Union["WeightTarget", OutputTarget]
 logger = logging.getLogger("fastadv")
 
 
@@ -102,7 +102,8 @@ def resolve_targets(
             f"Unfreeze them with requires_grad_(True), or {OUTPUT_MODE_HINT}."
         )
     for target in targets:
-        target.check_trainable()
+        if isinstance(target, WeightTarget):
+            target.check_trainable()
     return targets
 
 

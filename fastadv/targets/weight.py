@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum, average_rows_over_ranks, gather_ids, row_shard
 from ..errors import FrozenEmbeddingError, MissingGradientError
-from ..ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore
+from ..ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_pgd_step, rows_restore
 from ..ops.backend import Backend
+from .base import Gradient
 from .gradients import Lookups, gradient_rows
 from .recorder import LookupRecorder
 from .tables import as_matrix
@@ -34,11 +37,6 @@ class WeightTarget:
         self.recorder = recorder
         self.shard = row_shard(param)
         self.group = self.shard.group if self.shard is not None else group
-        self._grad: torch.Tensor | None = None  # set by prepare(): the gradient rows
-        self._grad_set: RowSet | None = None  # and where they live
-        self._rows: RowSet | None = None  # set by add()/ascend(): the saved rows
-        self._backup: torch.Tensor | None = None
-        self._backend: Backend | None = None
 
     def __repr__(self) -> str:
         kind = "rows" if self.recorder is not None else "dense"
@@ -51,12 +49,18 @@ class WeightTarget:
                 f"perturb along. Unfreeze it with requires_grad_(True), or {OUTPUT_MODE_HINT}."
             )
 
-    def prepare(self, backend: Backend, lookups: Lookups | None = None, average_over_ranks: bool = False) -> None:
-        """Take the gradient and the rows it lives on; raises before anything is modified.
+    def gradient(
+        self,
+        backend: Backend,
+        lookups: Lookups | None = None,
+        average_over_ranks: bool = False,
+        within: SavedRows | None = None,
+    ) -> Gradient:
+        """The gradient and the rows it lives on; raises before anything is modified.
 
         ``lookups`` (ids, dL/de of each lookup of this table) replaces ``.grad``: the table's
-        gradient from those lookups alone, summed per id (PGD's intermediate passes). While a PGD
-        round is in progress, the gradient is re-addressed to the rows saved at its first step.
+        gradient from those lookups alone, summed per id (PGD's intermediate passes). ``within``, the
+        rows of a PGD round in progress: the gradient is re-addressed to them.
         ``average_over_ranks``: ``.grad`` is this rank's own (a backward under DDP's no_sync); the
         rows it needs are averaged over the DDP group here, U x d instead of the whole model.
         """
@@ -112,20 +116,14 @@ class WeightTarget:
             world = torch.distributed.get_world_size(self.group)
             grad = all_reduce_sum(grad.index_select(0, grad_set.grad_rows), self.group).div_(world)
             grad_set, dense = grad_set.as_slots(), False
-        if self._rows is not None:  # a PGD round: the gradient on the saved rows' slots
+        if within is not None:  # a PGD round: the gradient on the saved rows' slots
+            saved = within.rows
             if dense:  # a dense gradient can be read at any row
-                grad_set = RowSet(self._rows.rows, self._rows.rows, self._rows.first)
+                grad_set = RowSet(saved.rows, saved.rows, saved.first)
             else:
-                grad, grad_set = gather_rows(grad, grad_set, self._rows.rows), self._rows.as_slots()
-        self._grad, self._grad_set = grad, grad_set
-
-    def gradient_norm(self, backend: Backend) -> torch.Tensor:
-        """fp32 0-dim: the L2 norm of the gradient (over its non-zero rows; every shard's under FSDP2)."""
-        assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        norm = rows_l2_norm(self._grad, self._grad_set, backend)
-        if self.shard is None:
-            return norm
-        return all_reduce_sum(norm.square().reshape(1), self.shard.group).sqrt().reshape(())
+                grad, grad_set = gather_rows(grad, grad_set, saved.rows), saved.as_slots()
+        # Under FSDP2 the norm's other terms are the other shards'.
+        return Gradient(grad, grad_set, None if self.shard is None else self.shard.group)
 
     def _rows_of_this_rank(self, ids: torch.Tensor) -> torch.Tensor:
         """The recorded ids whose rows hold this rank's gradient: every rank's under DDP and FSDP2,
@@ -157,29 +155,40 @@ class WeightTarget:
         """The table as a [rows, columns] matrix sharing the parameter's storage (this rank's shard under FSDP2)."""
         return as_matrix(self.param.data.to_local() if self.shard is not None else self.param.data)
 
-    def add(self, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend) -> None:
+    def add(
+        self, gradient: Gradient, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend
+    ) -> SavedRows:
         """FGM: save the rows, then add the perturbation to them in place (unless ``ok`` is False)."""
-        assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        weight = self._weight()
-        self._backup = rows_backup_add(weight, self._grad, self._grad_set, norm, ok, epsilon, sign, backend)
-        self._rows, self._backend = self._grad_set, backend
-        self._grad = self._grad_set = None  # the gradient is not ours to keep alive
+        backup = rows_backup_add(self._weight(), gradient.values, gradient.rows, norm, ok, epsilon, sign, backend)
+        return SavedRows(gradient.rows, backup, backend)
 
-    def ascend(self, alpha: float, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, backend: Backend) -> None:
+    def ascend(
+        self,
+        gradient: Gradient,
+        alpha: float,
+        epsilon: float,
+        norm: torch.Tensor,
+        ok: torch.Tensor,
+        backend: Backend,
+        previous: SavedRows | None,
+    ) -> SavedRows:
         """PGD: one step of ``alpha * g / norm`` on the rows, projected into the epsilon ball around
-        the rows saved at the round's first step (which this call saves when it is that step)."""
-        assert self._grad is not None and self._grad_set is not None, "prepare() first"
-        weight = self._weight()
-        self._backup = rows_pgd_step(
-            weight, self._grad, self._grad_set, self._backup, norm, ok, alpha, epsilon, backend
+        the rows saved at the round's first step (``previous`` None: this call is that step, and saves them)."""
+        backup = None if previous is None else previous.backup
+        backup = rows_pgd_step(
+            self._weight(), gradient.values, gradient.rows, backup, norm, ok, alpha, epsilon, backend
         )
-        if self._rows is None:
-            self._rows = self._grad_set
-        self._backend = backend
-        self._grad = self._grad_set = None
+        return SavedRows(gradient.rows if previous is None else previous.rows, backup, backend)
 
-    def restore(self) -> None:
+    def restore(self, saved: SavedRows) -> None:
         """Copy the saved rows back into the parameter's own storage, bit for bit."""
-        assert self._backup is not None and self._rows is not None, "add() first"
-        rows_restore(self._weight(), self._backup, self._rows, self._backend)
-        self._backup = self._rows = self._backend = None
+        rows_restore(self._weight(), saved.backup, saved.rows, saved.backend)
+
+
+@dataclass(frozen=True)
+class SavedRows:
+    """A weight perturbation's handle: the rows written and their clean values, [U, d]."""
+
+    rows: RowSet
+    backup: torch.Tensor
+    backend: Backend

@@ -1,0 +1,74 @@
+"""What every target gives a method: its gradient as a value, and a perturbation as a handle.
+
+An attack goes down only: the method asks a target for its :class:`Gradient` (the rows it lives on
+and their values), computes the scale with ``fastadv.ops``, asks the target to apply it, and keeps
+the handle the target returns until it hands it back to ``restore``. No target keeps anything of
+an attack between two of these calls, except what its forward hooks must add while armed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..ops import RowSet
+from ..ops.backend import Backend
+from .gradients import Lookups
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """A target's gradient on the rows it has one.
+
+    Attributes:
+        values: [N, d], read at ``rows.grad_rows`` (a dense gradient: the whole table's rows).
+        rows: where the values live and where the perturbation goes (see fastadv.ops.RowSet).
+        norm_group: the process group whose ranks hold the rest of the norm's terms (an FSDP2 shard,
+            output mode's per-position deltas under DDP), else None.
+        positions: output mode with one delta per position: the batch's ids shape, else None.
+    """
+
+    values: torch.Tensor
+    rows: RowSet
+    norm_group: object | None = None
+    positions: torch.Size | None = None
+
+
+class Target(Protocol):
+    """A place to perturb (:class:`fastadv.targets.WeightTarget`, :class:`fastadv.targets.OutputTarget`).
+
+    Each call raises before it modifies anything; ``within`` is the perturbation of the PGD round in
+    progress, on whose rows the gradient is then read, and ``previous`` the one an ascent moves on from.
+    """
+
+    name: str
+    param: nn.Parameter  # identity and device (output mode never writes it)
+    group: object | None  # the data-parallel ranks whose gradients are averaged
+
+    def gradient(
+        self,
+        backend: Backend,
+        lookups: Lookups | None = None,
+        average_over_ranks: bool = False,
+        within: object | None = None,
+    ) -> Gradient: ...
+
+    def add(
+        self, gradient: Gradient, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend
+    ) -> object: ...
+
+    def ascend(
+        self,
+        gradient: Gradient,
+        alpha: float,
+        epsilon: float,
+        norm: torch.Tensor,
+        ok: torch.Tensor,
+        backend: Backend,
+        previous: object | None,
+    ) -> object: ...
+
+    def restore(self, perturbation: object) -> None: ...
