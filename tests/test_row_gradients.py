@@ -18,7 +18,7 @@ import fastadv.ops.lookup as lookup
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
 from fastadv.benchmarking import cpu_memory_events
 from fastadv.ops import compact_ids, row_gradient_lookup
-from fastadv.targets.row_gradients import ROW_GRADIENTS_VARIABLE, RowGradientHooks
+from fastadv.targets import ROW_GRADIENTS_VARIABLE, RowGradientHooks
 
 EXACT = DEVICE == "cpu"  # CUDA's sorted segment reduction may sum in another order: 1e-6 relative there
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import EmbeddingNotFoundError, MissingGradientError
-from ..targets import RowGradientHooks, TableLookups, lookup_scale, named_tables, on_output
+from ..targets import RowGradientHooks, TableLookups, lookup_scale, named_tables, on_output, subscribe
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
 
 FreeLBNorm = Literal["l2", "linf"]
@@ -116,7 +116,7 @@ class FreeLB:
         self._first_pass = False  # the pass that makes the deltas
         self._mask: torch.Tensor | None = None
         self._deltas: list[torch.Tensor] = []  # fp32, B x T x d per lookup; made at the first adversarial pass
-        self._handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.modules]
+        self._handles = [subscribe(m, self._on_lookup) for m in self.modules]
         self._row_gradients = RowGradientHooks(model)  # passes after the first add the table's gradient as rows
 
     def __repr__(self) -> str:
@@ -211,10 +211,9 @@ class FreeLB:
 
     # ------------------------------------------------------------ hook and algorithm
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+    def _on_lookup(self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
         if not self._active:
             return None
-        ids = args[0] if args else kwargs["input"]
         index, self._lookups = self._lookups, self._lookups + 1
         if self._first_pass:  # the random start needs the lookup's shape
             self._deltas.append(self._initial_delta(ids, output, module, index))

@@ -5,6 +5,7 @@ One module per concern, each importing only those listed before it:
     tables.py         which tables a model has, which modules look each up, what emb_name names
     scale.py          how a module's output relates to the raw lookup (embed_scale)
     row_gradients.py  passes into a dense .grad add the table's gradient as rows
+    hook.py           the one forward hook per embedding module, serving everything that watches it
     gradients.py      a table's gradient from its lookups' dL/de, per id or per position
     base.py           what a target gives a method: a Gradient value, a perturbation handle
     edges.py          recent lookups as autograd edges (dL/de for PGD's inner passes, the penalty)
@@ -20,10 +21,11 @@ skip flag.
 from .base import Gradient, Target
 from .edges import EmbeddingOutputs
 from .gradients import Lookups, gradient_rows
+from .hook import RowGradientHooks, subscribe
 from .output import OutputTarget
 from .recorder import LookupRecorder, attach_recorders
 from .resolve import TargetMode, resolve_targets, tied_targets
-from .row_gradients import ROW_GRADIENTS_VARIABLE, RowGradientHooks
+from .row_gradients import ROW_GRADIENTS_VARIABLE
 from .scale import lookup_scale, on_output, raw_gradient
 from .tables import TableLookups, embedding_modules, named_tables, table_modules
 from .weight import WeightTarget
@@ -48,6 +50,7 @@ __all__ = [
     "on_output",
     "raw_gradient",
     "resolve_targets",
+    "subscribe",
     "table_modules",
     "tied_targets",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
 from ..distributed import data_parallel_forward
+from .hook import subscribe
 from .scale import lookup_scale, on_output, raw_gradient
 
 
@@ -36,7 +37,7 @@ class EmbeddingOutputs:
         self._deltas: list[torch.Tensor | None] | None = None
         self._next = 0
         self.data_parallel: nn.Module | None = None  # the DDP wrapper whose forward last looked the module up
-        self._handle = module.register_forward_hook(self._on_forward, with_kwargs=True)
+        self._handle = subscribe(module, self._on_lookup)
 
     def remove(self) -> None:
         self._handle.remove()
@@ -60,8 +61,8 @@ class EmbeddingOutputs:
         scales = [scale for _, _, scale in self._lookups]
         return [None if g is None else raw_gradient(g, scale) for g, scale in zip(grads, scales, strict=True)]
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        ids = (args[0] if args else kwargs["input"]).detach()
+    def _on_lookup(self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        ids = ids.detach()
         if self._deltas is not None:
             if self._next >= len(self._deltas):
                 raise RuntimeError(

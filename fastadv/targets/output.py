@@ -26,6 +26,7 @@ from ..ops import RowSet, gather_rows, rows_l2_norm
 from ..ops.backend import Backend
 from .base import Gradient
 from .gradients import Lookups, gradient_rows
+from .hook import subscribe
 from .scale import lookup_scale, on_output, raw_gradient
 
 
@@ -57,7 +58,7 @@ class OutputTarget:
         self._captured: Lookups = []  # (ids, dL/d(raw lookup)) per lookup, of the last backward pass
         self._forward_since_capture = True
         self._armed: OutputDelta | None = None  # while attacking: the delta the forward hooks add
-        self._handles = [m.register_forward_hook(self._on_forward, with_kwargs=True) for m in self.modules]
+        self._handles = [subscribe(m, self._on_lookup) for m in self.modules]
 
     def __repr__(self) -> str:
         return f"OutputTarget({self.name!r}, modules={len(self.modules)}, share_rows={self.share_rows})"
@@ -69,8 +70,8 @@ class OutputTarget:
 
     # ------------------------------------------------------------ hooks
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
-        ids = (args[0] if args else kwargs["input"]).detach()
+    def _on_lookup(self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        ids = ids.detach()
         armed = self._armed is not None
         capture = torch.is_grad_enabled() and (not armed or self.capture_perturbed)
         if not (armed or capture):

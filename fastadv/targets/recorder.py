@@ -12,6 +12,7 @@ from ..distributed import data_parallel_forward
 from ..errors import FastAdvWarning
 from ..ops import RowSet, row_set_from_ids, rows_l2_norm
 from ..ops.backend import resolve_backend
+from .hook import subscribe
 from .tables import as_matrix
 
 _ENGINE = torch.autograd.Variable._execution_engine  # queue_callback: run fn at the end of this backward
@@ -62,20 +63,20 @@ class LookupRecorder:
         """Record the lookups of ``module`` (an nn.Embedding whose weight is ``self.weight``)."""
         if self.padding_idx is None:
             self.padding_idx = module.padding_idx
-        self._handles.append(module.register_forward_hook(self._on_forward, with_kwargs=True))
+        self._handles.append(subscribe(module, self._on_lookup))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _on_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
+    def _on_lookup(self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor) -> None:
         self.looked_up = True
         if (wrapper := data_parallel_forward()) is not None:  # frozen tables too: output mode needs the group
             self.data_parallel = wrapper
         if not (torch.is_grad_enabled() and self.weight.requires_grad and isinstance(output, torch.Tensor)):
             return
-        ids = (args[0] if args else kwargs["input"]).detach()
+        ids = ids.detach()
         output.register_hook(lambda grad: self._on_backward(ids))
 
     def _on_backward(self, ids: torch.Tensor) -> None:
