@@ -14,9 +14,9 @@ from ..distributed import DataParallelBinding, all_reduce_sum
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvWarning
 from ..ops import Backend, resolve_backend, rows_l2_norm
 from ..targets import (
-    EmbeddingOutputs,
     Gradient,
-    Lookups,
+    LookupEdges,
+    LookupGradients,
     OutputTarget,
     RowGradientHooks,
     Target,
@@ -55,11 +55,11 @@ class EmbeddingAttack:
         self._data_parallel = DataParallelBinding(model)
         self._recorders = attach_recorders(model)
         self._outputs: dict[object, OutputTarget] = {}  # one set of output hooks per table and modules
-        self._lookups: dict[int, EmbeddingOutputs] = {}  # lookups as autograd edges, for methods that need dL/de
+        self._edges: dict[int, LookupEdges] = {}  # lookups as autograd edges, for methods that need dL/de
         # Every later pass into a dense .grad adds its gradient as rows (see fastadv.targets.row_gradients).
         self._row_gradients = {"hooks": RowGradientHooks(model)}
         self._detach = weakref.finalize(
-            self, _remove_hooks, self._recorders, self._outputs, self._lookups, self._row_gradients
+            self, _remove_hooks, self._recorders, self._outputs, self._edges, self._row_gradients
         )
         self._targets_by_name: dict[str | None, list[Target]] = {}
         self._attacked: list[tuple[Target, object]] | None = None  # (target, its perturbation's handle)
@@ -149,7 +149,7 @@ class EmbeddingAttack:
         self,
         targets: list[Target],
         apply: Callable[[Target, Gradient, torch.Tensor, torch.Tensor, Backend], object],
-        lookups: dict[int, Lookups] | None = None,
+        lookups: dict[int, LookupGradients] | None = None,
         average_over_ranks: bool = False,
         skip_zero: bool = True,
     ) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import EmbeddingNotFoundError, MissingGradientError
-from ..targets import RowGradientHooks, TableLookups, lookup_scale, named_tables, on_output, subscribe
+from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
 
 FreeLBNorm = Literal["l2", "linf"]
@@ -285,7 +285,7 @@ class FreeLB:
         return torch.where(finite, moved, delta)  # on the device: no host sync
 
 
-def _word_embedding(model: nn.Module, emb_name: str | None) -> TableLookups:
+def _word_embedding(model: nn.Module, emb_name: str | None) -> EmbeddingTable:
     """The one table FreeLB perturbs, with the modules that look it up: the input embedding's, or the table
     ``emb_name`` names."""
     tables = named_tables(model, emb_name, "FreeLB")

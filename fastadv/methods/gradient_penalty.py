@@ -10,7 +10,7 @@ from torch import nn
 
 from ..distributed import data_parallel_wrapper
 from ..errors import FastAdvError, MissingGradientError
-from ..targets import EmbeddingOutputs, RowGradientHooks, named_tables
+from ..targets import LookupEdges, RowGradientHooks, named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
 
 Mode = Literal["finite_difference", "exact"]
@@ -51,7 +51,7 @@ class GradientPenalty:
         self.emb_name = emb_name
         self.mode: Mode = mode
         tables = named_tables(model, emb_name, "The gradient penalty")
-        self._outputs = [EmbeddingOutputs(name, module) for table in tables for name, module in table.modules]
+        self._edges = [LookupEdges(name, module) for table in tables for name, module in table.modules]
         self._row_gradients = RowGradientHooks(model)  # passes into a dense .grad add the table's gradient as rows
         self._skipped = SkipCounter()
 
@@ -79,8 +79,8 @@ class GradientPenalty:
         clean pass then takes dL/de of the scaled loss (no underflow) and divides the scale out.
         """
         backward = backward or plain_backward
-        for outputs in self._outputs:
-            outputs.clear()  # only this closure's lookups count
+        for recorded in self._edges:
+            recorded.clear()  # only this closure's lookups count
         loss = check_loss(closure(), "closure()")
         if self.mode == "exact":
             try:
@@ -108,9 +108,9 @@ class GradientPenalty:
         deltas = [None if g is None else g.mul_(epsilon).masked_fill_(~finite, 0.0) for g in grads]
         with ExitStack() as stack:
             start = 0
-            for outputs in self._outputs:
-                count = len(outputs.edges)
-                stack.enter_context(outputs.adding(deltas[start : start + count]))
+            for recorded in self._edges:
+                count = len(recorded.edges)
+                stack.enter_context(recorded.adding(deltas[start : start + count]))
                 start += count
             backward(check_loss(closure(), "closure()"))
         return loss.detach()
@@ -121,8 +121,8 @@ class GradientPenalty:
         return int(self._skipped)
 
     def remove_hooks(self) -> None:
-        for outputs in self._outputs:
-            outputs.remove()
+        for recorded in self._edges:
+            recorded.remove()
         self._row_gradients.remove()
 
     def _rank_epsilon(self) -> float:
@@ -134,7 +134,7 @@ class GradientPenalty:
         the one whose forward looked the embedding up (whenever the object was built).
         """
         wrapper = data_parallel_wrapper(self.model) or next(
-            (o.data_parallel for o in self._outputs if o.data_parallel is not None), None
+            (o.data_parallel for o in self._edges if o.data_parallel is not None), None
         )
         if wrapper is None:
             return self.epsilon
@@ -142,13 +142,13 @@ class GradientPenalty:
 
     def _output_gradients(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
         """dL/de for every recorded lookup (None for lookups outside ``loss``'s graph), in order."""
-        edges = [edge for outputs in self._outputs for edge in outputs.edges]
+        edges = [edge for recorded in self._edges for edge in recorded.edges]
         found = output_gradients(loss, edges, f"GradientPenalty(mode={self.mode!r})", create_graph=create_graph)
         grads: list[torch.Tensor | None] = []
-        for outputs in self._outputs:  # dL/d(output) to dL/d(raw lookup), per module
-            grads += outputs.raw_gradients(found[len(grads) : len(grads) + len(outputs.edges)])
+        for recorded in self._edges:  # dL/d(output) to dL/d(raw lookup), per module
+            grads += recorded.raw_gradients(found[len(grads) : len(grads) + len(recorded.edges)])
         if not any(g is not None for g in grads):
-            names = ", ".join(f"'{o.name}'" for o in self._outputs)
+            names = ", ".join(f"'{o.name}'" for o in self._edges)
             raise MissingGradientError(
                 f"the loss does not depend on any output of {names} recorded in a forward pass with gradients: "
                 "run the forward pass that produces the loss after creating GradientPenalty, with gradients "

@@ -10,8 +10,8 @@ from torch import nn
 from ..errors import AttackStateError, EmbeddingNotFoundError, FastAdvError, FastAdvWarning, MissingGradientError
 from ..ops import Backend
 from ..targets import (
-    EmbeddingOutputs,
     Gradient,
+    LookupEdges,
     LookupRecorder,
     OutputTarget,
     Target,
@@ -93,7 +93,7 @@ class PGD(EmbeddingAttack):
         self._warn_if_alpha_exceeds(self.epsilon, self.alpha)
         self._grad_backup: dict[str, torch.Tensor | None] | None = None
         self._ids_backup: list[tuple[LookupRecorder, torch.Tensor | None]] = []
-        self._step_recorders: tuple[list[Target], dict[int, list[EmbeddingOutputs]]] | None = None
+        self._step_recorders: tuple[list[Target], dict[int, list[LookupEdges]]] | None = None
         self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
 
     def __repr__(self) -> str:
@@ -189,13 +189,13 @@ class PGD(EmbeddingAttack):
             raise AttackStateError("step() called while an attack is in progress: call restore() first.")
         backward = backward or plain_backward
         targets = self._targets(self.emb_name)
-        lookups = self._lookup_recorders(targets)
+        lookups = self._lookup_edges(targets)
         loss = check_loss(closure(), "closure()")
         backward(loss)
         # Again after the clean pass: a DDP forward that no earlier step ran (the model wrapped after PGD was
         # built, or PGD built on ddp.module) binds its wrapper here, and the targets take its group.
         targets = self._targets(self.emb_name)
-        lookups = self._lookup_recorders(targets)
+        lookups = self._lookup_edges(targets)
         try:
             gradients = None  # the first attack reads the clean gradient (.grad, or dL/de captured)
             for t in range(self.steps):
@@ -228,7 +228,7 @@ class PGD(EmbeddingAttack):
 
         self._perturb(targets, ascend, gradients)
 
-    def _lookup_recorders(self, targets: list[Target]) -> dict[int, list[EmbeddingOutputs]]:
+    def _lookup_edges(self, targets: list[Target]) -> dict[int, list[LookupEdges]]:
         """The lookup recorders of each target's embedding modules, by target id (made on first use,
         then kept for as long as the targets are: step() runs every training step)."""
         if self._step_recorders is not None and self._step_recorders[0] is targets:
@@ -246,16 +246,16 @@ class PGD(EmbeddingAttack):
             else:  # weight rows: every lookup of the table sees them
                 modules = [m for _, m in table_modules(self.model, target.param)]
             for module in modules:
-                if id(module) not in self._lookups:
-                    self._lookups[id(module)] = EmbeddingOutputs(target.name, module)
-            recorders[id(target)] = [self._lookups[id(m)] for m in modules]
+                if id(module) not in self._edges:
+                    self._edges[id(module)] = LookupEdges(target.name, module)
+            recorders[id(target)] = [self._edges[id(m)] for m in modules]
         self._step_recorders = (targets, recorders)
         return recorders
 
     def _output_gradients(
         self,
         targets: list[Target],
-        lookups: dict[int, list[EmbeddingOutputs]],
+        lookups: dict[int, list[LookupEdges]],
         closure: Closure,
         scaler: torch.amp.GradScaler | None,
     ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -8,7 +8,7 @@ One module per concern, each importing only those listed before it:
     hook.py           the one forward hook per embedding module, serving everything that watches it
     gradients.py      a table's gradient from its lookups' dL/de, per id or per position
     base.py           what a target gives a method: a Gradient value, a perturbation handle
-    edges.py          recent lookups as autograd edges (dL/de for PGD's inner passes, the penalty)
+    lookup_edges.py   recent lookups as autograd edges (dL/de for PGD's inner passes, the penalty)
     recorder.py       which rows of a table can hold a gradient
     weight.py         weight mode: rows perturbed in place and restored bit for bit
     output.py         output mode: a delta added to the lookups' output in forward hooks
@@ -19,26 +19,26 @@ skip flag.
 """
 
 from .base import Gradient, Target
-from .edges import EmbeddingOutputs
-from .gradients import Lookups, gradient_rows
+from .gradients import LookupGradients, gradient_rows
 from .hook import RowGradientHooks, subscribe
+from .lookup_edges import LookupEdges
 from .output import OutputTarget
 from .recorder import LookupRecorder, attach_recorders
 from .resolve import TargetMode, resolve_targets, tied_targets
 from .row_gradients import ROW_GRADIENTS_VARIABLE
 from .scale import lookup_scale, on_output, raw_gradient
-from .tables import TableLookups, embedding_modules, named_tables, table_modules
+from .tables import EmbeddingTable, embedding_modules, named_tables, table_modules
 from .weight import WeightTarget
 
 __all__ = [
     "ROW_GRADIENTS_VARIABLE",
-    "EmbeddingOutputs",
+    "EmbeddingTable",
     "Gradient",
+    "LookupEdges",
+    "LookupGradients",
     "LookupRecorder",
-    "Lookups",
     "OutputTarget",
     "RowGradientHooks",
-    "TableLookups",
     "Target",
     "TargetMode",
     "WeightTarget",

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..ops import RowSet
 from ..ops.backend import Backend
-from .gradients import Lookups
+from .gradients import LookupGradients
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Target(Protocol):
     def gradient(
         self,
         backend: Backend,
-        lookups: Lookups | None = None,
+        lookups: LookupGradients | None = None,
         average_over_ranks: bool = False,
         within: object | None = None,
     ) -> Gradient: ...

@@ -8,11 +8,11 @@ from ..errors import MissingGradientError
 from ..ops import RowSet, segment_sum_by_id
 from ..ops.backend import Backend
 
-Lookups = list[tuple[torch.Tensor, torch.Tensor]]  # (token ids, dL/de of that lookup) per lookup
+LookupGradients = list[tuple[torch.Tensor, torch.Tensor]]  # (token ids, dL/de of that lookup) per lookup
 
 
 def gradient_rows(
-    lookups: Lookups, num_rows: int, padding_idx: int | None, share_rows: bool, backend: Backend, name: str
+    lookups: LookupGradients, num_rows: int, padding_idx: int | None, share_rows: bool, backend: Backend, name: str
 ) -> tuple[RowSet, torch.Tensor]:
     """The gradient of a table's lookups: per distinct id (summed, the weight gradient) or per position.
 

@@ -25,7 +25,7 @@ from ..errors import MissingGradientError
 from ..ops import RowSet, gather_rows, rows_l2_norm
 from ..ops.backend import Backend
 from .base import Gradient
-from .gradients import Lookups, gradient_rows
+from .gradients import LookupGradients, gradient_rows
 from .hook import subscribe
 from .scale import lookup_scale, on_output, raw_gradient
 
@@ -55,7 +55,7 @@ class OutputTarget:
         paddings = {m.padding_idx for m in self.modules}
         # One padding row for all the modules, or None and each lookup's padding positions zeroed
         self._padding_idx = paddings.pop() if len(paddings) == 1 else None
-        self._captured: Lookups = []  # (ids, dL/d(raw lookup)) per lookup, of the last backward pass
+        self._captured: LookupGradients = []  # (ids, dL/d(raw lookup)) per lookup, of the last backward pass
         self._forward_since_capture = True
         self._armed: OutputDelta | None = None  # while attacking: the delta the forward hooks add
         self._handles = [subscribe(m, self._on_lookup) for m in self.modules]
@@ -101,7 +101,7 @@ class OutputTarget:
     def gradient(
         self,
         backend: Backend,
-        lookups: Lookups | None = None,
+        lookups: LookupGradients | None = None,
         average_over_ranks: bool = False,
         within: OutputDelta | None = None,
     ) -> Gradient:

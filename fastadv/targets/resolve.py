@@ -14,7 +14,7 @@ from .base import Target
 from .output import OutputTarget
 from .recorder import LookupRecorder
 from .tables import (
-    TableLookups,
+    EmbeddingTable,
     embedding_like_names,
     input_table,
     match_parameters,
@@ -50,7 +50,7 @@ def resolve_targets(
     """
     outputs = {} if outputs is None else outputs
     if emb_name is None:
-        entries: list[TableLookups | tuple[str, nn.Parameter]] = [input_table(model)]
+        entries: list[EmbeddingTable | tuple[str, nn.Parameter]] = [input_table(model)]
     else:
         entries, idle = match_parameters(model, emb_name)
         if not entries:
@@ -68,7 +68,7 @@ def resolve_targets(
             )
     targets: list[Target] = []
     for entry in entries:
-        if not isinstance(entry, TableLookups):  # not an embedding table: perturbed whole, as the snippet does
+        if not isinstance(entry, EmbeddingTable):  # not an embedding table: perturbed whole, as the snippet does
             name, param = entry
             if not param.requires_grad:
                 continue
@@ -96,7 +96,7 @@ def resolve_targets(
             recorder = _recorder_of_table(table.name, table.weight, recorders)
             targets.append(WeightTarget(table.name, table.weight, recorder, group))
     if not targets:
-        names = ", ".join(f"'{e.name if isinstance(e, TableLookups) else e[0]}'" for e in entries)
+        names = ", ".join(f"'{e.name if isinstance(e, EmbeddingTable) else e[0]}'" for e in entries)
         raise FrozenEmbeddingError(
             f"emb_name={emb_name!r} matches only frozen parameters ({names}), so nothing would be perturbed. "
             f"Unfreeze them with requires_grad_(True), or {OUTPUT_MODE_HINT}."
@@ -107,7 +107,7 @@ def resolve_targets(
     return targets
 
 
-def _output_mode_reason(model: nn.Module, table: TableLookups) -> str | None:
+def _output_mode_reason(model: nn.Module, table: EmbeddingTable) -> str | None:
     """Why weight-row perturbation would be wrong for this table (None when it is valid and exact)."""
     if not table.weight.requires_grad:
         return "the embedding is frozen, so its weight has no gradient"

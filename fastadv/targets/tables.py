@@ -119,7 +119,7 @@ def tied_names(model: nn.Module, weight: nn.Parameter) -> list[str]:
 
 
 @dataclass(frozen=True)
-class TableLookups:
+class EmbeddingTable:
     """A table and the modules whose lookups of it are to be perturbed.
 
     Attributes:
@@ -140,18 +140,18 @@ class TableLookups:
         return ", ".join(f"'{n}'" for n, _ in self.modules)
 
 
-def input_table(model: nn.Module) -> TableLookups:
+def input_table(model: nn.Module) -> EmbeddingTable:
     """The input embedding's table with every module that looks it up (T5, BART: the encoder's and the
     decoder's, besides ``shared``, which forward never calls)."""
     module_name, module = find_input_embedding(model)
     modules = table_modules(model, module.weight) or [(module_name, module)]
     names = shared_parameter_names(model, module.weight)
-    return TableLookups(names[0] if names else f"{module_name}.weight", module.weight, tuple(modules), True)
+    return EmbeddingTable(names[0] if names else f"{module_name}.weight", module.weight, tuple(modules), True)
 
 
 def match_parameters(
     model: nn.Module, emb_name: str
-) -> tuple[list[TableLookups | tuple[str, nn.Parameter]], list[str]]:
+) -> tuple[list[EmbeddingTable | tuple[str, nn.Parameter]], list[str]]:
     """The parameters whose name contains ``emb_name``, as the snippet matches them, aliases included.
 
     A table shared by several modules is listed under each module's name as well (T5's
@@ -159,7 +159,7 @@ def match_parameters(
     module's lookups; a match through the table's own (first) name names all of them.
 
     Returns:
-        (matches in the model's order: a TableLookups for each table, (name, parameter) for any
+        (matches in the model's order: a EmbeddingTable for each table, (name, parameter) for any
         other parameter; the names matched that forward never looks up: PEFT's idle copies).
     """
     if not isinstance(emb_name, str) or not emb_name:
@@ -171,7 +171,7 @@ def match_parameters(
         if emb_name in name:
             matched.setdefault(id(param), (param, []))[1].append(name)
     running = {id(m) for _, m in embedding_modules(model)}
-    entries: list[TableLookups | tuple[str, nn.Parameter]] = []
+    entries: list[EmbeddingTable | tuple[str, nn.Parameter]] = []
     idle: list[str] = []
     for key, (param, names) in matched.items():
         users = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m.weight is param]
@@ -185,18 +185,18 @@ def match_parameters(
         named = [(n, m) for n, m in modules if (f"{n}.weight" if n else "weight") in names]
         every = first_names[key] in names or not named
         chosen = modules if every else named
-        entries.append(TableLookups(first_names[key], param, tuple(chosen), len(chosen) == len(modules)))
+        entries.append(EmbeddingTable(first_names[key], param, tuple(chosen), len(chosen) == len(modules)))
     return entries, idle
 
 
-def named_tables(model: nn.Module, emb_name: str | None, method: str) -> list[TableLookups]:
+def named_tables(model: nn.Module, emb_name: str | None, method: str) -> list[EmbeddingTable]:
     """The tables (with the lookups named) a method acting on embedding outputs perturbs: the input
     embedding's (emb_name None), or each table ``emb_name`` names (see :func:`match_parameters`).
     ``method`` names the caller in the error raised when there is none."""
     if emb_name is None:
         return [input_table(model)]
     entries, idle = match_parameters(model, emb_name)
-    tables = [e for e in entries if isinstance(e, TableLookups)]
+    tables = [e for e in entries if isinstance(e, EmbeddingTable)]
     if not tables:
         found = ", ".join(f"'{n}.weight'" for n, _ in embedding_modules(model)) or "none"
         never = f" ({', '.join(repr(n) for n in idle)} are never looked up: PEFT's frozen originals)" if idle else ""

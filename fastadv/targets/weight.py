@@ -12,7 +12,7 @@ from ..errors import FrozenEmbeddingError, MissingGradientError
 from ..ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_pgd_step, rows_restore
 from ..ops.backend import Backend
 from .base import Gradient
-from .gradients import Lookups, gradient_rows
+from .gradients import LookupGradients, gradient_rows
 from .recorder import LookupRecorder
 from .tables import as_matrix
 
@@ -52,7 +52,7 @@ class WeightTarget:
     def gradient(
         self,
         backend: Backend,
-        lookups: Lookups | None = None,
+        lookups: LookupGradients | None = None,
         average_over_ranks: bool = False,
         within: SavedRows | None = None,
     ) -> Gradient:
@@ -137,7 +137,7 @@ class WeightTarget:
         return ids
 
     def _averaged_over_ranks(
-        self, lookups: Lookups, grad: torch.Tensor, grad_set: RowSet
+        self, lookups: LookupGradients, grad: torch.Tensor, grad_set: RowSet
     ) -> tuple[torch.Tensor, RowSet]:
         """This rank's per-id gradient rows averaged over the group, on the rows of every rank's ids
         (under FSDP2, then cut to this rank's shard, as local rows)."""

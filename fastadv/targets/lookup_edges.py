@@ -15,7 +15,7 @@ from .hook import subscribe
 from .scale import lookup_scale, on_output, raw_gradient
 
 
-class EmbeddingOutputs:
+class LookupEdges:
     """The recent lookups of one nn.Embedding, as gradient edges, and a delta added to the next ones.
 
     For methods that need dL/de with respect to the embedding output e itself (the gradient
