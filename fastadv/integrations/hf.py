@@ -49,9 +49,8 @@ from transformers.trainer_utils import unwrap_peft_model
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_sagemaker_mp_enabled
 
-from ..methods import FGM, PGD, FreeLB, GradientPenalty
+from ..methods import FGM, PGD, Adversary, FreeLB, GradientPenalty
 
-Adversary = FGM | PGD | FreeLB | GradientPenalty
 _ADVERSARIES = (FGM, PGD, FreeLB, GradientPenalty)
 
 

@@ -31,12 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..methods import FGM, PGD, FreeLB, GradientPenalty
+from ..methods import Adversary, FreeLB
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningModule
-
-Adversary = FGM | PGD | FreeLB | GradientPenalty
 
 
 def adversarial_training_step(

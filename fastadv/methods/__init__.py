@@ -1,8 +1,9 @@
 """Adversarial methods: each says what perturbation to apply; fastadv.targets says where."""
 
+from ._common import Adversary
 from .fgm import FGM
 from .freelb import FreeLB
 from .gradient_penalty import GradientPenalty
 from .pgd import PGD
 
-__all__ = ["FGM", "PGD", "FreeLB", "GradientPenalty"]
+__all__ = ["FGM", "PGD", "Adversary", "FreeLB", "GradientPenalty"]

@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from ..errors import ReentrantCheckpointError
 
 Closure = Callable[[], torch.Tensor]
 BackwardFn = Callable[[torch.Tensor], object]
+
+
+class Adversary(Protocol):
+    """What the integrations drive: FGM, PGD, FreeLB and GradientPenalty.
+
+    ``step(closure, backward=...)`` runs one training step's forward and backward passes (closure()
+    returns the loss; ``backward`` backpropagates one, default ``loss.backward()``) and returns the
+    clean loss, detached; the optimizer step stays the caller's. ``model`` is the module it watches.
+    """
+
+    model: nn.Module
+
+    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor: ...
 
 
 def check_epsilon(value: float, name: str = "epsilon") -> float:
