@@ -19,6 +19,7 @@ from ..targets import (
     LookupGradients,
     OutputTarget,
     RowGradientHooks,
+    Step,
     Target,
     TargetMode,
     attach_recorders,
@@ -148,13 +149,14 @@ class EmbeddingAttack:
     def _perturb(
         self,
         targets: list[Target],
-        apply: Callable[[Target, Gradient, torch.Tensor, torch.Tensor, Backend], object],
+        size: float,
+        apply: Callable[[Target, Gradient, Step, Backend], object],
         lookups: dict[int, LookupGradients] | None = None,
         average_over_ranks: bool = False,
         skip_zero: bool = True,
     ) -> None:
         """One perturbation of every target: their gradients (``.grad``, the captured dL/de, or
-        ``lookups`` by target id), their norms, then ``apply(target, gradient, norm, ok, backend)``,
+        ``lookups`` by target id), their norms, then ``apply(target, gradient, Step(size, norm, ok), backend)``,
         which returns the perturbation's handle.
 
         A non-finite norm anywhere skips the whole step on the device (``ok`` False for every target:
@@ -179,7 +181,7 @@ class EmbeddingAttack:
         try:
             for target, gradient, norm in zip(targets, gradients, norms, strict=True):
                 ok = finite & (norm > 0) if skip_zero else finite
-                done.append((target, apply(target, gradient, norm, ok, backend)))
+                done.append((target, apply(target, gradient, Step(size, norm, ok), backend)))
         except BaseException:
             for target, perturbation in done if not before else ():
                 target.restore(perturbation)

@@ -12,7 +12,7 @@ from torch import nn
 from ..distributed import process_group_initialized
 from ..errors import AttackStateError
 from ..ops import Backend
-from ..targets import Gradient, Target, TargetMode
+from ..targets import Gradient, Step, Target, TargetMode
 from ._attack import EmbeddingAttack
 from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
 
@@ -98,11 +98,11 @@ class FGM(EmbeddingAttack):
         targets = self._targets(self.emb_name if emb_name is None else emb_name)
         sign = self.norm == "sign"
 
-        def add(target: Target, gradient: Gradient, norm: torch.Tensor, ok: torch.Tensor, backend: Backend) -> object:
-            return target.add(gradient, epsilon, norm, ok, sign, backend)
+        def add(target: Target, gradient: Gradient, step: Step, backend: Backend) -> object:
+            return target.add(gradient, step, sign, backend)
 
         # The sign's step is epsilon on every coordinate, so a zero norm does not skip it.
-        self._perturb(targets, add, average_over_ranks=average_over_ranks, skip_zero=not sign)
+        self._perturb(targets, epsilon, add, average_over_ranks=average_over_ranks, skip_zero=not sign)
 
     # ------------------------------------------------------------ conveniences
 

@@ -14,6 +14,7 @@ from ..targets import (
     LookupEdges,
     LookupRecorder,
     OutputTarget,
+    Step,
     Target,
     TargetMode,
     WeightTarget,
@@ -221,12 +222,10 @@ class PGD(EmbeddingAttack):
     def _ascend(self, targets: list[Target], epsilon: float, alpha: float, gradients: dict | None = None) -> None:
         before = dict(self._attacked or [])  # each target's perturbation so far in this round
 
-        def ascend(
-            target: Target, gradient: Gradient, norm: torch.Tensor, ok: torch.Tensor, backend: Backend
-        ) -> object:
-            return target.ascend(gradient, alpha, epsilon, norm, ok, backend, before.get(target))
+        def ascend(target: Target, gradient: Gradient, step: Step, backend: Backend) -> object:
+            return target.ascend(gradient, step, epsilon, backend, before.get(target))
 
-        self._perturb(targets, ascend, gradients)
+        self._perturb(targets, alpha, ascend, gradients)
 
     def _lookup_edges(self, targets: list[Target]) -> dict[int, list[LookupEdges]]:
         """The lookup recorders of each target's embedding modules, by target id (made on first use,

@@ -18,7 +18,7 @@ This layer decides nothing about the perturbation's size: methods pass epsilon, 
 skip flag.
 """
 
-from .base import Gradient, Target
+from .base import Gradient, Step, Target
 from .gradients import LookupGradients, gradient_rows
 from .hook import RowGradientHooks, subscribe
 from .lookup_edges import LookupEdges
@@ -39,6 +39,7 @@ __all__ = [
     "LookupRecorder",
     "OutputTarget",
     "RowGradientHooks",
+    "Step",
     "Target",
     "TargetMode",
     "WeightTarget",

@@ -37,6 +37,22 @@ class Gradient:
     positions: torch.Size | None = None
 
 
+@dataclass(frozen=True)
+class Step:
+    """One target's step as its method computed it: ``size * g / norm`` (FGM: epsilon, PGD: alpha;
+    ``size * sign(g)`` under FGSM), taken only where ``ok``.
+
+    Attributes:
+        size: the step's length.
+        norm: fp32 0-dim on the device, the gradient's norm.
+        ok: bool 0-dim on the device; False leaves the target as it is (a skipped step).
+    """
+
+    size: float
+    norm: torch.Tensor
+    ok: torch.Tensor
+
+
 class Target(Protocol):
     """A place to perturb (:class:`fastadv.targets.WeightTarget`, :class:`fastadv.targets.OutputTarget`).
 
@@ -49,26 +65,13 @@ class Target(Protocol):
     group: object | None  # the data-parallel ranks whose gradients are averaged
 
     def gradient(
-        self,
-        backend: Backend,
-        lookups: LookupGradients | None = None,
-        average_over_ranks: bool = False,
-        within: object | None = None,
+        self, backend: Backend, lookups: LookupGradients | None, average_over_ranks: bool, within: object | None
     ) -> Gradient: ...
 
-    def add(
-        self, gradient: Gradient, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend
-    ) -> object: ...
+    def add(self, gradient: Gradient, step: Step, sign: bool, backend: Backend) -> object: ...
 
     def ascend(
-        self,
-        gradient: Gradient,
-        alpha: float,
-        epsilon: float,
-        norm: torch.Tensor,
-        ok: torch.Tensor,
-        backend: Backend,
-        previous: object | None,
+        self, gradient: Gradient, step: Step, radius: float, backend: Backend, previous: object | None
     ) -> object: ...
 
     def restore(self, perturbation: object) -> None: ...

@@ -24,7 +24,7 @@ from ..distributed import average_rows_over_ranks
 from ..errors import MissingGradientError
 from ..ops import RowSet, gather_rows, rows_l2_norm
 from ..ops.backend import Backend
-from .base import Gradient
+from .base import Gradient, Step
 from .gradients import LookupGradients, gradient_rows
 from .hook import subscribe
 from .scale import lookup_scale, on_output, raw_gradient
@@ -99,11 +99,7 @@ class OutputTarget:
     # ------------------------------------------------------------ the attack
 
     def gradient(
-        self,
-        backend: Backend,
-        lookups: LookupGradients | None = None,
-        average_over_ranks: bool = False,
-        within: OutputDelta | None = None,
+        self, backend: Backend, lookups: LookupGradients | None, average_over_ranks: bool, within: OutputDelta | None
     ) -> Gradient:
         """dL/de summed per token id (or kept per position); raises before anything changes.
 
@@ -132,36 +128,27 @@ class OutputTarget:
         norm_group = None if self.share_rows else self.group
         return Gradient(grad, grad_set, norm_group, positions)
 
-    def add(
-        self, gradient: Gradient, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend
-    ) -> OutputDelta:
-        """Arm the forward hooks with delta = epsilon * g / norm (or epsilon * sign(g)); 0 when not ``ok``."""
+    def add(self, gradient: Gradient, step: Step, sign: bool, backend: Backend) -> OutputDelta:
+        """Arm the forward hooks with delta = size * g / norm (or size * sign(g)); 0 when not ``ok``."""
         g = gradient.values.float()
         # One new buffer (the captured gradient itself is not ours to modify); a skip zeroes it.
-        delta = torch.sign(g).mul_(epsilon) if sign else g.mul(epsilon).div_(norm)
-        self._armed = OutputDelta(delta.masked_fill_(~ok, 0.0), gradient.rows, gradient.positions)
+        delta = torch.sign(g).mul_(step.size) if sign else g.mul(step.size).div_(step.norm)
+        self._armed = OutputDelta(delta.masked_fill_(~step.ok, 0.0), gradient.rows, gradient.positions)
         return self._armed
 
     def ascend(
-        self,
-        gradient: Gradient,
-        alpha: float,
-        epsilon: float,
-        norm: torch.Tensor,
-        ok: torch.Tensor,
-        backend: Backend,
-        previous: OutputDelta | None,
+        self, gradient: Gradient, step: Step, radius: float, backend: Backend, previous: OutputDelta | None
     ) -> OutputDelta:
-        """PGD: delta += alpha * g / norm, projected into the L2 ball of radius epsilon (unchanged when not ``ok``).
+        """PGD: delta += size * g / norm, projected into the L2 ball of ``radius`` (unchanged when not ``ok``).
 
         The first call of a round (``previous`` None) starts from delta = 0 on the gradient's slots.
         """
-        step = gradient.values.float().mul(alpha).div_(norm)
+        moved = gradient.values.float().mul(step.size).div_(step.norm)
         rows = gradient.rows if previous is None else previous.rows
-        r = step if previous is None else step.add_(previous.delta)
+        r = moved if previous is None else moved.add_(previous.delta)
         r_norm = rows_l2_norm(r, rows.as_slots(), backend)
-        r = torch.where(r_norm > epsilon, r * (epsilon / r_norm), r)
-        delta = r.masked_fill_(~ok, 0.0) if previous is None else torch.where(ok, r, previous.delta)
+        r = torch.where(r_norm > radius, r * (radius / r_norm), r)
+        delta = r.masked_fill_(~step.ok, 0.0) if previous is None else torch.where(step.ok, r, previous.delta)
         self._armed = OutputDelta(delta, rows, gradient.positions)
         return self._armed
 

@@ -11,7 +11,7 @@ from ..distributed import all_reduce_sum, average_rows_over_ranks, gather_ids, r
 from ..errors import FrozenEmbeddingError, MissingGradientError
 from ..ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_pgd_step, rows_restore
 from ..ops.backend import Backend
-from .base import Gradient
+from .base import Gradient, Step
 from .gradients import LookupGradients, gradient_rows
 from .recorder import LookupRecorder
 from .tables import as_matrix
@@ -50,11 +50,7 @@ class WeightTarget:
             )
 
     def gradient(
-        self,
-        backend: Backend,
-        lookups: LookupGradients | None = None,
-        average_over_ranks: bool = False,
-        within: SavedRows | None = None,
+        self, backend: Backend, lookups: LookupGradients | None, average_over_ranks: bool, within: SavedRows | None
     ) -> Gradient:
         """The gradient and the rows it lives on; raises before anything is modified.
 
@@ -155,28 +151,21 @@ class WeightTarget:
         """The table as a [rows, columns] matrix sharing the parameter's storage (this rank's shard under FSDP2)."""
         return as_matrix(self.param.data.to_local() if self.shard is not None else self.param.data)
 
-    def add(
-        self, gradient: Gradient, epsilon: float, norm: torch.Tensor, ok: torch.Tensor, sign: bool, backend: Backend
-    ) -> SavedRows:
+    def add(self, gradient: Gradient, step: Step, sign: bool, backend: Backend) -> SavedRows:
         """FGM: save the rows, then add the perturbation to them in place (unless ``ok`` is False)."""
-        backup = rows_backup_add(self._weight(), gradient.values, gradient.rows, norm, ok, epsilon, sign, backend)
+        backup = rows_backup_add(
+            self._weight(), gradient.values, gradient.rows, step.norm, step.ok, step.size, sign, backend
+        )
         return SavedRows(gradient.rows, backup, backend)
 
     def ascend(
-        self,
-        gradient: Gradient,
-        alpha: float,
-        epsilon: float,
-        norm: torch.Tensor,
-        ok: torch.Tensor,
-        backend: Backend,
-        previous: SavedRows | None,
+        self, gradient: Gradient, step: Step, radius: float, backend: Backend, previous: SavedRows | None
     ) -> SavedRows:
-        """PGD: one step of ``alpha * g / norm`` on the rows, projected into the epsilon ball around
+        """PGD: one step of ``size * g / norm`` on the rows, projected into the ``radius`` ball around
         the rows saved at the round's first step (``previous`` None: this call is that step, and saves them)."""
         backup = None if previous is None else previous.backup
         backup = rows_pgd_step(
-            self._weight(), gradient.values, gradient.rows, backup, norm, ok, alpha, epsilon, backend
+            self._weight(), gradient.values, gradient.rows, backup, step.norm, step.ok, step.size, radius, backend
         )
         return SavedRows(gradient.rows if previous is None else previous.rows, backup, backend)
 
