@@ -9,12 +9,15 @@ import pytest
 import torch
 from conftest import DEVICE, relative_difference
 from models import batches, bert_loss, tiny_bert
-from test_ops_rows import make_case
+from row_cases import make_case
 
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
 from fastadv.ops import RowSet, row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore
-from fastadv.ops.rows import _rows_backup_add, _rows_pgd_step, _rows_restore, _rows_sum_of_squares
-from fastadv.ops.segments import _segment_sum, _static_segments
+from fastadv.ops.rows_backup_add import _rows_backup_add
+from fastadv.ops.rows_l2_norm import _rows_sum_of_squares
+from fastadv.ops.rows_pgd_step import _rows_pgd_step
+from fastadv.ops.rows_restore import _rows_restore
+from fastadv.ops.segment_sum_by_id import _segment_sum, _static_segments
 
 METHODS = {
     "fgm": lambda m: FGM(m),

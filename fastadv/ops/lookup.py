@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from .rows import distinct_slots
+from .row_set import distinct_slots
 
 __all__ = ["compact_ids", "dense_weight_gradient", "has_dense_gradient", "row_gradient_lookup"]
 

@@ -4,6 +4,8 @@ Output-side perturbation keeps dL/de for each position; the weight gradient of t
 sum of those rows over the positions holding the same id. :func:`segment_sum_by_id` computes it
 without touching a V x d table, in the same :class:`RowSet` form the row ops take, so
 :func:`fastadv.ops.rows_l2_norm` gives the weight gradient's norm directly.
+
+Kernel: ``kernels/segment_sum_by_id.py`` (``segment_sum_kernel``).
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
-from .rows import RowSet, distinct_slots, row_launch_options, scatter_run_starts
-
-__all__ = ["segment_sum_by_id", "segment_sum_by_id_reference"]
+from .launch import row_launch_options
+from .row_set import RowSet, distinct_slots, scatter_run_starts
 
 
 def _static_segments(
@@ -103,7 +104,7 @@ def segment_sum_by_id(
     return row_set, _segment_sum(values, order, start, end)
 
 
-# A torch.library custom op (see fastadv.ops.rows): one opaque op to torch.compile, shaped by its fake.
+# A torch.library custom op (see fastadv.ops.launch): one opaque op to torch.compile, shaped by its fake.
 @torch.library.custom_op("fastadv::segment_sum", mutates_args=())
 def _segment_sum(values: torch.Tensor, order: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
     """fp32 [M, D]: row k is the sum of the rows ``values[order[start[k]:end[k]]]`` (0 for an empty run)."""

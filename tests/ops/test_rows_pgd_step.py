@@ -1,13 +1,13 @@
-"""The PGD row op (ascent + projection, fused), and gather_rows, against the snippet's dense steps."""
+"""The PGD row op (ascent + projection, fused) against the snippet's dense steps."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import DEVICE, assert_close_verbose, backend_dtype_cases
-from test_ops_rows import SHAPES, TOL, make_case, row_sets
+from row_cases import SHAPES, TOL, make_case, row_sets
 
-from fastadv.ops import RowSet, gather_rows, row_set_from_ids, rows_l2_norm, rows_pgd_step, rows_restore
+from fastadv.ops import row_set_from_ids, rows_l2_norm, rows_pgd_step, rows_restore
 
 
 def snippet_pgd_steps(weight, grads, epsilon, alpha):
@@ -95,21 +95,3 @@ def test_backup_of_the_wrong_shape_is_refused():
     rs = row_set_from_ids(ids, 20, static_shape=False)
     with pytest.raises(ValueError, match="backup must be"):
         rows_pgd_step(weight, grad, rs, torch.zeros(len(rs) + 1, 8), torch.tensor(1.0), torch.tensor(True), 0.1, 1.0)
-
-
-@pytest.mark.parametrize("static", [False, True], ids=["compact", "static"])
-def test_gather_rows_readdresses_and_zero_fills(static):
-    values = torch.arange(12.0, device=DEVICE).view(4, 3)
-    value_set = RowSet(torch.tensor([2, 5, 7, 9], device=DEVICE), torch.tensor([3, 1, 0, 2], device=DEVICE))
-    if static:  # duplicates: the first slot of each row is the one read
-        value_set = RowSet(
-            torch.tensor([2, 5, 5, 7, 9], device=DEVICE),
-            torch.tensor([3, 1, 2, 0, 2], device=DEVICE),
-            torch.tensor([True, True, False, True, True], device=DEVICE),
-        )
-    rows = torch.tensor([9, 2, 4, 5, 11, 0], device=DEVICE)
-    got = gather_rows(values, value_set, rows)
-    want = torch.stack([values[2], values[3], torch.zeros(3), values[1], torch.zeros(3), torch.zeros(3)])
-    assert torch.equal(got, want.to(DEVICE))
-    empty = RowSet(torch.zeros(0, dtype=torch.int64, device=DEVICE), torch.zeros(0, dtype=torch.int64, device=DEVICE))
-    assert torch.equal(gather_rows(values[:0], empty, rows), torch.zeros(6, 3, device=DEVICE))

@@ -1,0 +1,47 @@
+"""Copy the rows saved by :func:`fastadv.ops.rows_backup_add` (or :func:`fastadv.ops.rows_pgd_step`)
+back into the weight, bit for bit.
+
+Kernel: ``kernels/rows_restore.py``. No host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backend import Backend, kernels, resolve_backend
+from .launch import _cdiv, _check_2d, _first_as_uint8, row_launch_options
+from .row_set import RowSet
+
+
+def rows_restore_reference(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet) -> None:
+    """Torch reference of :func:`rows_restore`."""
+    weight.index_copy_(0, row_set.rows, backup)
+
+
+def rows_restore(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> None:
+    """Copy ``backup`` ([N, D], from :func:`rows_backup_add` on the same row set) back into ``weight``."""
+    _check_2d("weight", weight)
+    backend = backend or resolve_backend(weight.device)
+    if backend == "torch":
+        rows_restore_reference(weight, backup, row_set)
+        return
+    if len(row_set) == 0:
+        return
+    _rows_restore(weight, backup, row_set.rows, _first_as_uint8(row_set), row_set.first is not None)
+
+
+@torch.library.custom_op("fastadv::rows_restore", mutates_args=("weight",))
+def _rows_restore(
+    weight: torch.Tensor, backup: torch.Tensor, rows: torch.Tensor, first: torch.Tensor, has_first: bool
+) -> None:
+    """Copies ``backup`` ([N, D]) into the slots' rows of ``weight``."""
+    n, d = rows.numel(), weight.shape[1]
+    options = row_launch_options(d)
+    kernels().rows_restore_kernel[(_cdiv(n, options["BLOCK_N"]),)](
+        weight, backup, rows, first, n, d, weight.stride(0), weight.stride(1), HAS_FIRST=has_first, **options,
+    )  # fmt: skip
+
+
+@_rows_restore.register_fake
+def _(*args: object) -> None:
+    return None

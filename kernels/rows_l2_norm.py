@@ -1,0 +1,34 @@
+"""The kernel of fastadv.ops.rows_l2_norm: partial sums of squares of the slots' gradient rows."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rows_sum_of_squares_kernel(
+    g_ptr,  # gradient rows, [R, D] with strides (stride_g_row, stride_g_col); any float dtype
+    g_rows_ptr,  # int64 [N]: the row of g that each slot reads
+    first_ptr,  # uint8 [N]: 1 where the slot is the first occurrence of its row (HAS_FIRST only)
+    partial_ptr,  # fp32 [cdiv(N, BLOCK_N)]: one partial sum of squares per program
+    N,  # number of slots
+    D,  # row length
+    stride_g_row,
+    stride_g_col,
+    HAS_FIRST: tl.constexpr,  # False when every slot is a distinct row (no flags to read)
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    if HAS_FIRST:
+        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
+    b_row = tl.load(g_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        m = m_n[:, None] & (o_d < D)[None, :]
+        p_g = g_ptr + b_row[:, None] * stride_g_row + o_d[None, :].to(tl.int64) * stride_g_col
+        b_g = tl.load(p_g, mask=m, other=0.0).to(tl.float32)
+        b_acc += b_g * b_g
+    tl.store(partial_ptr + i_n, tl.sum(b_acc))

@@ -1,0 +1,105 @@
+"""The kernels of fastadv.ops.rows_pgd_step: the ascent (with the partial sums of r^2), then the projection."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def rows_pgd_ascent_kernel(
+    w_ptr,  # weight, [V, D] with strides (stride_w_row, stride_w_col); read only here
+    g_ptr,  # gradient rows, [R, D] with strides (stride_g_row, stride_g_col)
+    backup_ptr,  # [N, D] contiguous, weight dtype: the clean rows (written when SAVE_BACKUP, else read)
+    r_ptr,  # [N, D] contiguous, weight dtype: receives the displacement r = (w + step) - backup
+    partial_ptr,  # fp32 [cdiv(N, BLOCK_N)]: one partial sum of r^2 per program (for ||r||)
+    w_rows_ptr,  # int64 [N]: the weight row of each slot
+    g_rows_ptr,  # int64 [N]: the gradient row of each slot
+    first_ptr,  # uint8 [N]: 1 on the first slot of each distinct row (HAS_FIRST only)
+    norm_ptr,  # fp32 [1]: ||g|| over all rows
+    ok_ptr,  # uint8 [1]: 0 skips the step on the device (r = 0, nothing added)
+    alpha,  # fp32 scalar: the ascent step size
+    N,
+    D,
+    stride_w_row,
+    stride_w_col,
+    stride_g_row,
+    stride_g_col,
+    SAVE_BACKUP: tl.constexpr,  # True on the first attack of a PGD round
+    HAS_FIRST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # First half of a PGD step: r = (w + alpha * g / ||g||) - backup, rounded to the weight dtype
+    # at each operation as the snippet's in-place add and subtraction are. The weight is written
+    # by rows_pgd_project_kernel, once ||r|| is known.
+    i_n = tl.program_id(0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < N
+    if HAS_FIRST:
+        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
+    b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    b_g_row = tl.load(g_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    b_ok = tl.load(ok_ptr) != 0
+    b_norm = tl.where(b_ok, tl.load(norm_ptr), 1.0)
+    b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        o_d64 = o_d[None, :].to(tl.int64)
+        m = m_n[:, None] & (o_d < D)[None, :]
+        b_w = tl.load(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, mask=m, other=0.0)
+        p_backup = backup_ptr + o_n[:, None].to(tl.int64) * D + o_d64
+        if SAVE_BACKUP:
+            tl.store(p_backup, b_w, mask=m)
+            b_backup = b_w
+        else:
+            b_backup = tl.load(p_backup, mask=m, other=0.0)
+        b_g = tl.load(g_ptr + b_g_row[:, None] * stride_g_row + o_d64 * stride_g_col, mask=m, other=0.0)
+        b_new = (b_w.to(tl.float32) + (alpha * b_g.to(tl.float32)) / b_norm).to(b_w.dtype)
+        b_r = (b_new.to(tl.float32) - b_backup.to(tl.float32)).to(b_w.dtype)
+        b_r = tl.where(b_ok, b_r, 0.0).to(b_w.dtype)
+        tl.store(r_ptr + o_n[:, None].to(tl.int64) * D + o_d64, b_r, mask=m)
+        b_r32 = b_r.to(tl.float32)
+        b_acc += b_r32 * b_r32
+    tl.store(partial_ptr + i_n, tl.sum(b_acc))
+
+
+@triton.jit
+def rows_pgd_project_kernel(
+    w_ptr,  # weight, [V, D] with strides (stride_w_row, stride_w_col); written in place
+    backup_ptr,  # [N, D] contiguous: the clean rows
+    r_ptr,  # [N, D] contiguous: the displacement from rows_pgd_ascent_kernel
+    w_rows_ptr,  # int64 [N]
+    first_ptr,  # uint8 [N] (HAS_FIRST only)
+    r_norm_ptr,  # fp32 [1]: ||r|| over all rows
+    ok_ptr,  # uint8 [1]: 0 leaves the weight as it is
+    epsilon,  # fp32 scalar: the radius of the ball around the clean rows
+    N,
+    D,
+    stride_w_row,
+    stride_w_col,
+    HAS_FIRST: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Second half: w = backup + r, with r scaled to epsilon * r / ||r|| when ||r|| > epsilon.
+    i_n = tl.program_id(0)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # A skipped step reads and writes nothing: the rows stay as they are. (The flag is read once per
+    # slot, so the mask is a vector: Triton's interpreter rejects a vector & scalar mask.)
+    m_n = (o_n < N) & (tl.load(ok_ptr + o_n * 0) != 0)
+    if HAS_FIRST:
+        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
+    b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    b_r_norm = tl.load(r_norm_ptr)
+    b_outside = b_r_norm > epsilon
+    b_divisor = tl.where(b_outside, b_r_norm, 1.0)
+    for d0 in range(0, D, BLOCK_D):
+        o_d = d0 + tl.arange(0, BLOCK_D)
+        o_d64 = o_d[None, :].to(tl.int64)
+        m = m_n[:, None] & (o_d < D)[None, :]
+        o_slot = o_n[:, None].to(tl.int64) * D + o_d64
+        b_backup = tl.load(backup_ptr + o_slot, mask=m, other=0.0)
+        b_r = tl.load(r_ptr + o_slot, mask=m, other=0.0)
+        # Same order as the snippet's `epsilon * r / torch.norm(r)`, rounded to the weight dtype.
+        b_scaled = tl.where(b_outside, ((epsilon * b_r.to(tl.float32)) / b_divisor).to(b_r.dtype), b_r)
+        b_new = (b_backup.to(tl.float32) + b_scaled.to(tl.float32)).to(b_backup.dtype)
+        tl.store(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, b_new, mask=m)
