@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .row_set import column_block, program_slots, slot_major, slot_rows
+
 
 @triton.jit
 def rows_backup_add_kernel(
@@ -15,33 +17,28 @@ def rows_backup_add_kernel(
     norm_ptr,  # fp32 [1]: the L2 norm of the gradient over all its rows
     ok_ptr,  # uint8 [1]: 0 skips the step on the device (zero or non-finite norm)
     epsilon,  # fp32 scalar: the perturbation size
-    N,
-    D,
-    stride_w_row,
-    stride_w_col,
-    stride_g_row,
-    stride_g_col,
+    N,  # number of slots
+    D,  # row length: the columns of every [., D] buffer
+    stride_w_row,  # elements between two weight rows (any layout, a transposed table too)
+    stride_w_col,  # elements between two weight columns
+    stride_g_row,  # elements between two gradient rows
+    stride_g_col,  # elements between two gradient columns
     SIGN: tl.constexpr,  # True: epsilon * sign(g) (FGSM); False: epsilon * g / norm (FGM)
-    HAS_FIRST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_FIRST: tl.constexpr,  # True: only flagged slots work (static shapes); False: all are distinct
+    BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
+    BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
     i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    if HAS_FIRST:
-        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
-    b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    b_g_row = tl.load(g_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
+    b_w_row = slot_rows(w_rows_ptr, o_n, m_n)
+    b_g_row = slot_rows(g_rows_ptr, o_n, m_n)
     b_ok = tl.load(ok_ptr) != 0
     b_norm = tl.where(b_ok, tl.load(norm_ptr), 1.0)  # a skipped step never divides by 0 or Inf
     for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        o_d64 = o_d[None, :].to(tl.int64)
-        m = m_n[:, None] & (o_d < D)[None, :]
+        o_d64, m = column_block(d0, D, m_n, BLOCK_D)
         p_w = w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col
         b_w = tl.load(p_w, mask=m, other=0.0)
-        tl.store(backup_ptr + o_n[:, None].to(tl.int64) * D + o_d64, b_w, mask=m)
+        tl.store(slot_major(backup_ptr, o_n, D, o_d64), b_w, mask=m)
         b_g = tl.load(g_ptr + b_g_row[:, None] * stride_g_row + o_d64 * stride_g_col, mask=m, other=0.0)
         b_g = b_g.to(tl.float32)
         if SIGN:

@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .row_set import column_block, program_slots, slot_rows
+
 
 @triton.jit
 def rows_sum_of_squares_kernel(
@@ -12,23 +14,19 @@ def rows_sum_of_squares_kernel(
     partial_ptr,  # fp32 [cdiv(N, BLOCK_N)]: one partial sum of squares per program
     N,  # number of slots
     D,  # row length
-    stride_g_row,
-    stride_g_col,
+    stride_g_row,  # elements between two gradient rows
+    stride_g_col,  # elements between two gradient columns
     HAS_FIRST: tl.constexpr,  # False when every slot is a distinct row (no flags to read)
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
+    BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
     i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    if HAS_FIRST:
-        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
-    b_row = tl.load(g_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
+    b_row = slot_rows(g_rows_ptr, o_n, m_n)
     b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        m = m_n[:, None] & (o_d < D)[None, :]
-        p_g = g_ptr + b_row[:, None] * stride_g_row + o_d[None, :].to(tl.int64) * stride_g_col
+        o_d64, m = column_block(d0, D, m_n, BLOCK_D)
+        p_g = g_ptr + b_row[:, None] * stride_g_row + o_d64 * stride_g_col
         b_g = tl.load(p_g, mask=m, other=0.0).to(tl.float32)
         b_acc += b_g * b_g
     tl.store(partial_ptr + i_n, tl.sum(b_acc))

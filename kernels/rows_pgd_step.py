@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .row_set import column_block, program_slots, slot_major, slot_rows, working_slots
+
 
 @triton.jit
 def rows_pgd_ascent_kernel(
@@ -17,36 +19,31 @@ def rows_pgd_ascent_kernel(
     norm_ptr,  # fp32 [1]: ||g|| over all rows
     ok_ptr,  # uint8 [1]: 0 skips the step on the device (r = 0, nothing added)
     alpha,  # fp32 scalar: the ascent step size
-    N,
-    D,
-    stride_w_row,
-    stride_w_col,
-    stride_g_row,
-    stride_g_col,
+    N,  # number of slots
+    D,  # row length: the columns of every [., D] buffer
+    stride_w_row,  # elements between two weight rows (any layout, a transposed table too)
+    stride_w_col,  # elements between two weight columns
+    stride_g_row,  # elements between two gradient rows
+    stride_g_col,  # elements between two gradient columns
     SAVE_BACKUP: tl.constexpr,  # True on the first attack of a PGD round
-    HAS_FIRST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_FIRST: tl.constexpr,  # True: only flagged slots work (static shapes); False: all are distinct
+    BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
+    BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
     # First half of a PGD step: r = (w + alpha * g / ||g||) - backup, rounded to the weight dtype
     # at each operation as the snippet's in-place add and subtraction are. The weight is written
     # by rows_pgd_project_kernel, once ||r|| is known.
     i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    if HAS_FIRST:
-        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
-    b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
-    b_g_row = tl.load(g_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
+    b_w_row = slot_rows(w_rows_ptr, o_n, m_n)
+    b_g_row = slot_rows(g_rows_ptr, o_n, m_n)
     b_ok = tl.load(ok_ptr) != 0
     b_norm = tl.where(b_ok, tl.load(norm_ptr), 1.0)
     b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        o_d64 = o_d[None, :].to(tl.int64)
-        m = m_n[:, None] & (o_d < D)[None, :]
+        o_d64, m = column_block(d0, D, m_n, BLOCK_D)
         b_w = tl.load(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, mask=m, other=0.0)
-        p_backup = backup_ptr + o_n[:, None].to(tl.int64) * D + o_d64
+        p_backup = slot_major(backup_ptr, o_n, D, o_d64)
         if SAVE_BACKUP:
             tl.store(p_backup, b_w, mask=m)
             b_backup = b_w
@@ -56,7 +53,7 @@ def rows_pgd_ascent_kernel(
         b_new = (b_w.to(tl.float32) + (alpha * b_g.to(tl.float32)) / b_norm).to(b_w.dtype)
         b_r = (b_new.to(tl.float32) - b_backup.to(tl.float32)).to(b_w.dtype)
         b_r = tl.where(b_ok, b_r, 0.0).to(b_w.dtype)
-        tl.store(r_ptr + o_n[:, None].to(tl.int64) * D + o_d64, b_r, mask=m)
+        tl.store(slot_major(r_ptr, o_n, D, o_d64), b_r, mask=m)
         b_r32 = b_r.to(tl.float32)
         b_acc += b_r32 * b_r32
     tl.store(partial_ptr + i_n, tl.sum(b_acc))
@@ -72,30 +69,26 @@ def rows_pgd_project_kernel(
     r_norm_ptr,  # fp32 [1]: ||r|| over all rows
     ok_ptr,  # uint8 [1]: 0 leaves the weight as it is
     epsilon,  # fp32 scalar: the radius of the ball around the clean rows
-    N,
-    D,
-    stride_w_row,
-    stride_w_col,
-    HAS_FIRST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    N,  # number of slots
+    D,  # row length: the columns of every [., D] buffer
+    stride_w_row,  # elements between two weight rows (any layout, a transposed table too)
+    stride_w_col,  # elements between two weight columns
+    HAS_FIRST: tl.constexpr,  # True: only flagged slots work (static shapes); False: all are distinct
+    BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
+    BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
     # Second half: w = backup + r, with r scaled to epsilon * r / ||r|| when ||r|| > epsilon.
     i_n = tl.program_id(0)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # A skipped step reads and writes nothing: the rows stay as they are. (The flag is read once per
     # slot, so the mask is a vector: Triton's interpreter rejects a vector & scalar mask.)
-    m_n = (o_n < N) & (tl.load(ok_ptr + o_n * 0) != 0)
-    if HAS_FIRST:
-        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
-    b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    m_n = working_slots(first_ptr, o_n, (o_n < N) & (tl.load(ok_ptr + o_n * 0) != 0), HAS_FIRST)
+    b_w_row = slot_rows(w_rows_ptr, o_n, m_n)
     b_r_norm = tl.load(r_norm_ptr)
     b_outside = b_r_norm > epsilon
     b_divisor = tl.where(b_outside, b_r_norm, 1.0)
     for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        o_d64 = o_d[None, :].to(tl.int64)
-        m = m_n[:, None] & (o_d < D)[None, :]
+        o_d64, m = column_block(d0, D, m_n, BLOCK_D)
         o_slot = o_n[:, None].to(tl.int64) * D + o_d64
         b_backup = tl.load(backup_ptr + o_slot, mask=m, other=0.0)
         b_r = tl.load(r_ptr + o_slot, mask=m, other=0.0)

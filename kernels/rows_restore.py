@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .row_set import column_block, program_slots, slot_major, slot_rows
+
 
 @triton.jit
 def rows_restore_kernel(
@@ -10,23 +12,18 @@ def rows_restore_kernel(
     backup_ptr,  # [N, D] contiguous: the rows saved by rows_backup_add_kernel
     w_rows_ptr,  # int64 [N]: the weight row of each slot
     first_ptr,  # uint8 [N]: 1 on the first slot of each distinct row (HAS_FIRST only)
-    N,
-    D,
-    stride_w_row,
-    stride_w_col,
-    HAS_FIRST: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    N,  # number of slots
+    D,  # row length: the columns of every [., D] buffer
+    stride_w_row,  # elements between two weight rows (any layout, a transposed table too)
+    stride_w_col,  # elements between two weight columns
+    HAS_FIRST: tl.constexpr,  # True: only flagged slots work (static shapes); False: all are distinct
+    BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
+    BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
     i_n = tl.program_id(0)
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_n < N
-    if HAS_FIRST:
-        m_n = m_n & (tl.load(first_ptr + o_n, mask=m_n, other=0) != 0)
-    b_w_row = tl.load(w_rows_ptr + o_n, mask=m_n, other=0).to(tl.int64)
+    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
+    b_w_row = slot_rows(w_rows_ptr, o_n, m_n)
     for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
-        o_d64 = o_d[None, :].to(tl.int64)
-        m = m_n[:, None] & (o_d < D)[None, :]
-        b_backup = tl.load(backup_ptr + o_n[:, None].to(tl.int64) * D + o_d64, mask=m, other=0.0)
+        o_d64, m = column_block(d0, D, m_n, BLOCK_D)
+        b_backup = tl.load(slot_major(backup_ptr, o_n, D, o_d64), mask=m, other=0.0)
         tl.store(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, b_backup, mask=m)

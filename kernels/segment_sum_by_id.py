@@ -11,11 +11,11 @@ def segment_sum_kernel(
     start_ptr,  # int64 [M]: where slot k's run of equal ids starts in sorted order
     end_ptr,  # int64 [M]: one past its end (== start for a slot with no id: its sum is 0)
     out_ptr,  # fp32 [M, D] contiguous: row k receives the sum of its run's rows of values
-    D,
-    stride_v_row,
-    stride_v_col,
+    D,  # row length: the columns of every [., D] buffer
+    stride_v_row,  # elements between two rows of values
+    stride_v_col,  # elements between two columns of values
     BLOCK_N: tl.constexpr,  # sorted positions read per iteration
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
     # One program per (slot, column block), a deterministic sum with no atomics. A run is read
     # BLOCK_N rows at a time, so a long one (the padding id can hold half of all positions) keeps
