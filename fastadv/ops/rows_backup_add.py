@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
-from .launch import _cdiv, _check_2d, _first_as_uint8, row_launch_options
+from .launch import check_weight_and_grad, first_flags, row_launch_options, row_programs, step_scalars
 from .row_set import RowSet
 
 
@@ -61,18 +61,15 @@ def rows_backup_add(
         The saved rows, [N, D] contiguous in weight's dtype, for :func:`rows_restore`. With
         first-occurrence flags, the kernel saves only the flagged slots (the others hold zeros).
     """
-    _check_2d("weight", weight)
-    _check_2d("grad", grad)
-    if grad.shape[1] != weight.shape[1]:
-        raise ValueError(f"grad rows have {grad.shape[1]} columns, weight rows have {weight.shape[1]}.")
+    check_weight_and_grad(weight, grad)
     backend = backend or resolve_backend(weight.device)
     if backend == "torch":
         return rows_backup_add_reference(weight, grad, row_set, norm, ok, epsilon, sign)
     if len(row_set) == 0:
         return weight.new_empty((0, weight.shape[1]))
     return _rows_backup_add(
-        weight, grad, row_set.rows, row_set.grad_rows, _first_as_uint8(row_set), row_set.first is not None,
-        norm.reshape(1).to(torch.float32), ok.reshape(1).to(torch.uint8), float(epsilon), sign,
+        weight, grad, row_set.rows, row_set.grad_rows, *first_flags(row_set), *step_scalars(norm, ok), float(epsilon),
+        sign,
     )  # fmt: skip
 
 
@@ -93,11 +90,10 @@ def _rows_backup_add(
     n, d = rows.numel(), weight.shape[1]
     # Zeroed: a duplicate slot's row is not written, and an op's output must not depend on stale memory.
     backup = torch.zeros((n, d), dtype=weight.dtype, device=weight.device)
-    options = row_launch_options(d)
-    kernels().rows_backup_add_kernel[(_cdiv(n, options["BLOCK_N"]),)](
+    kernels().rows_backup_add_kernel[(row_programs(n, d),)](
         weight, grad, backup, rows, grad_rows, first, norm, ok, epsilon,
         n, d, weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1),
-        SIGN=sign, HAS_FIRST=has_first, **options,
+        SIGN=sign, HAS_FIRST=has_first, **row_launch_options(d),
     )  # fmt: skip
     return backup
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
-from .launch import _cdiv, _check_2d, _first_as_uint8, row_block_sizes, row_launch_options
+from .launch import check_matrix, first_flags, row_launch_options, row_programs
 from .row_set import RowSet
 
 
@@ -37,11 +37,11 @@ def rows_l2_norm(grad: torch.Tensor, row_set: RowSet, backend: Backend | None = 
     grad: [R, D], any float dtype and strides. The kernel is deterministic: one fp32 partial sum of
     squares per program, then a sum.
     """
-    _check_2d("grad", grad)
+    check_matrix("grad", grad)
     backend = backend or resolve_backend(grad.device)
     if backend == "torch" or len(row_set) == 0:
         return rows_l2_norm_reference(grad, row_set)
-    partial = _rows_sum_of_squares(grad, row_set.grad_rows, _first_as_uint8(row_set), row_set.first is not None)
+    partial = _rows_sum_of_squares(grad, row_set.grad_rows, *first_flags(row_set))
     return partial.sum().sqrt()
 
 
@@ -51,15 +51,14 @@ def _rows_sum_of_squares(
 ) -> torch.Tensor:
     """fp32 [programs]: one partial sum of squares of the slots' gradient rows per program."""
     n, d = grad_rows.numel(), grad.shape[1]
-    options = row_launch_options(d)
-    partial = torch.empty(_cdiv(n, options["BLOCK_N"]), dtype=torch.float32, device=grad.device)
+    partial = torch.empty(row_programs(n, d), dtype=torch.float32, device=grad.device)
     kernels().rows_sum_of_squares_kernel[(partial.numel(),)](
-        grad, grad_rows, first, partial, n, d, grad.stride(0), grad.stride(1), HAS_FIRST=has_first, **options,
+        grad, grad_rows, first, partial, n, d, grad.stride(0), grad.stride(1),
+        HAS_FIRST=has_first, **row_launch_options(d),
     )  # fmt: skip
     return partial
 
 
 @_rows_sum_of_squares.register_fake
 def _(grad: torch.Tensor, grad_rows: torch.Tensor, first: torch.Tensor, has_first: bool) -> torch.Tensor:
-    block_n, _ = row_block_sizes(grad.shape[1])
-    return grad.new_empty(_cdiv(grad_rows.numel(), block_n), dtype=torch.float32)
+    return grad.new_empty(row_programs(grad_rows.numel(), grad.shape[1]), dtype=torch.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
-from .launch import _cdiv, _check_2d, _first_as_uint8, row_launch_options
+from .launch import check_weight_and_grad, first_flags, row_launch_options, row_programs, step_scalars
 from .row_set import RowSet
 from .rows_l2_norm import rows_l2_norm_reference
 
@@ -67,10 +67,7 @@ def rows_pgd_step(
         :func:`rows_restore`. Two kernels: ascent (with the partial sums of ``r^2``), then
         projection; ``||r||`` stays on the device between them.
     """
-    _check_2d("weight", weight)
-    _check_2d("grad", grad)
-    if grad.shape[1] != weight.shape[1]:
-        raise ValueError(f"grad rows have {grad.shape[1]} columns, weight rows have {weight.shape[1]}.")
+    check_weight_and_grad(weight, grad)
     n, d = len(row_set), weight.shape[1]
     if backup is not None and tuple(backup.shape) != (n, d):
         raise ValueError(f"backup must be [{n}, {d}] (one row per slot), found {tuple(backup.shape)}.")
@@ -83,8 +80,8 @@ def rows_pgd_step(
     if n == 0:
         return backup
     _rows_pgd_step(
-        weight, grad, backup, row_set.rows, row_set.grad_rows, _first_as_uint8(row_set), row_set.first is not None,
-        save_backup, norm.reshape(1).to(torch.float32), ok.reshape(1).to(torch.uint8), float(alpha), float(epsilon),
+        weight, grad, backup, row_set.rows, row_set.grad_rows, *first_flags(row_set), save_backup,
+        *step_scalars(norm, ok), float(alpha), float(epsilon),
     )  # fmt: skip
     return backup
 
@@ -107,7 +104,7 @@ def _rows_pgd_step(
     """Ascent (filling ``backup`` first when ``save_backup``), then projection, on the slots' rows of ``weight``."""
     n, d = rows.numel(), weight.shape[1]
     options = row_launch_options(d)
-    grid = (_cdiv(n, options["BLOCK_N"]),)
+    grid = (row_programs(n, d),)
     r = torch.empty((n, d), dtype=weight.dtype, device=weight.device)
     partial = torch.empty(grid[0], dtype=torch.float32, device=weight.device)
     kernels().rows_pgd_ascent_kernel[grid](

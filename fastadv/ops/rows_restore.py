@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
-from .launch import _cdiv, _check_2d, _first_as_uint8, row_launch_options
+from .launch import check_matrix, first_flags, row_launch_options, row_programs
 from .row_set import RowSet
 
 
@@ -20,14 +20,14 @@ def rows_restore_reference(weight: torch.Tensor, backup: torch.Tensor, row_set: 
 
 def rows_restore(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> None:
     """Copy ``backup`` ([N, D], from :func:`rows_backup_add` on the same row set) back into ``weight``."""
-    _check_2d("weight", weight)
+    check_matrix("weight", weight)
     backend = backend or resolve_backend(weight.device)
     if backend == "torch":
         rows_restore_reference(weight, backup, row_set)
         return
     if len(row_set) == 0:
         return
-    _rows_restore(weight, backup, row_set.rows, _first_as_uint8(row_set), row_set.first is not None)
+    _rows_restore(weight, backup, row_set.rows, *first_flags(row_set))
 
 
 @torch.library.custom_op("fastadv::rows_restore", mutates_args=("weight",))
@@ -36,9 +36,9 @@ def _rows_restore(
 ) -> None:
     """Copies ``backup`` ([N, D]) into the slots' rows of ``weight``."""
     n, d = rows.numel(), weight.shape[1]
-    options = row_launch_options(d)
-    kernels().rows_restore_kernel[(_cdiv(n, options["BLOCK_N"]),)](
-        weight, backup, rows, first, n, d, weight.stride(0), weight.stride(1), HAS_FIRST=has_first, **options,
+    kernels().rows_restore_kernel[(row_programs(n, d),)](
+        weight, backup, rows, first, n, d, weight.stride(0), weight.stride(1),
+        HAS_FIRST=has_first, **row_launch_options(d),
     )  # fmt: skip
 
 

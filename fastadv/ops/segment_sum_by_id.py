@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
-from .launch import row_launch_options
+from .launch import cdiv, row_launch_options
 from .row_set import RowSet, distinct_slots, scatter_run_starts
 
 
@@ -111,7 +111,7 @@ def _segment_sum(values: torch.Tensor, order: torch.Tensor, start: torch.Tensor,
     m, d = start.numel(), values.shape[1]
     sums = torch.empty(m, d, dtype=torch.float32, device=values.device)  # every element is written
     options = row_launch_options(d)
-    kernels().segment_sum_kernel[(m, -(-d // options["BLOCK_D"]))](
+    kernels().segment_sum_kernel[(m, cdiv(d, options["BLOCK_D"]))](
         values, order, start, end, sums, d, values.stride(0), values.stride(1), **options,
     )  # fmt: skip
     return sums
