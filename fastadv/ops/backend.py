@@ -26,6 +26,11 @@ def kernels() -> ModuleType:
     """Import ``fastadv.kernels`` on first use (Triton reads TRITON_INTERPRET at that moment)."""
     global _kernels
     if _kernels is None:
+        # By name through importlib, at first use: the kernels live in the repository's top-level
+        # kernels/, which setup.py installs as fastadv.kernels (package_dir), so the source tree has no
+        # fastadv/kernels/ for a relative import to name; and importing them imports Triton (which
+        # `import fastadv` must not) and fixes, at that moment, whether they run interpreted.
+        # The name follows the install: a checkout put first on PYTHONPATH still gets the installed kernels.
         _kernels = importlib.import_module("fastadv.kernels")
     return _kernels
 

@@ -29,14 +29,7 @@ from kernel_specialisation import (
 )
 
 import fastadv.ops.backend
-from fastadv.ops import (
-    row_set_from_ids,
-    rows_backup_add,
-    rows_l2_norm,
-    rows_pgd_step,
-    rows_restore,
-    segment_sum_by_id,
-)
+from fastadv.ops import row_set_from_ids, rows_backup_add, rows_l2_norm, rows_pgd_step, rows_restore, segment_sum_by_id
 
 ARCHS = (80, 90)  # A100, H100/H200
 VOCAB = 97
