@@ -19,7 +19,7 @@ def row_block_sizes(d: int) -> tuple[int, int]:
 
 
 # 8 warps: 8 elements of each 2048-element tile per thread. With 4 warps the PGD ascent's live
-# tiles spilled on sm_90 under Triton 3.9's ptxas (tests/test_kernel_compile.py). FMA fusion is
+# tiles spilled on sm_90 under Triton 3.9's ptxas (tests/ops/test_kernel_compile.py). FMA fusion is
 # stated rather than left to Triton's default, which 3.10 changes; it only fuses the sums of
 # squares (a fused g * g + acc is the more accurate), every perturbation is a division then an add.
 KERNEL_OPTIONS = {"num_warps": 8, "enable_fp_fusion": True}
