@@ -23,6 +23,7 @@ from ..targets import (
     Target,
     TargetMode,
     attach_recorders,
+    data_parallel_seen,
     resolve_targets,
     tied_targets,
 )
@@ -55,6 +56,7 @@ class EmbeddingAttack:
         self.backend: Backend | None = None  # the backend of the last attack()
         self._data_parallel = DataParallelBinding(model)
         self._recorders = attach_recorders(model)
+        self._embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]  # all the recorders watch
         self._outputs: dict[object, OutputTarget] = {}  # one set of output hooks per table and modules
         self._edges: dict[int, LookupEdges] = {}  # lookups as autograd edges, for methods that need dL/de
         # Every later pass into a dense .grad adds its gradient as rows (see fastadv.targets.row_gradients).
@@ -123,9 +125,8 @@ class EmbeddingAttack:
         model was wrapped after this object was built, or this object was built on ``ddp.module``)."""
         if self._attacked is not None:  # the targets of an attack in progress stay as they are
             return
-        for recorder in self._recorders.values():
-            wrapper = recorder.data_parallel
-            if wrapper is not None and wrapper is not self._data_parallel.wrapper:
+        for wrapper in data_parallel_seen(self._embeddings):
+            if wrapper is not self._data_parallel.wrapper:
                 self._bind(wrapper)
                 return
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..distributed import data_parallel_wrapper
 from ..errors import FastAdvError, MissingGradientError
-from ..targets import LookupEdges, RowGradientHooks, named_tables
+from ..targets import LookupEdges, RowGradientHooks, data_parallel_seen, named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
 
 Mode = Literal["finite_difference", "exact"]
@@ -134,7 +134,7 @@ class GradientPenalty:
         the one whose forward looked the embedding up (whenever the object was built).
         """
         wrapper = data_parallel_wrapper(self.model) or next(
-            (o.data_parallel for o in self._edges if o.data_parallel is not None), None
+            iter(data_parallel_seen([recorded.module for recorded in self._edges])), None
         )
         if wrapper is None:
             return self.epsilon

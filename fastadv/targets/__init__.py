@@ -20,7 +20,7 @@ skip flag.
 
 from .base import Gradient, Step, Target
 from .gradients import LookupGradients, gradient_rows
-from .hook import RowGradientHooks, subscribe
+from .hook import RowGradientHooks, data_parallel_seen, subscribe
 from .lookup_edges import LookupEdges
 from .output import OutputTarget
 from .recorder import LookupRecorder, attach_recorders
@@ -44,6 +44,7 @@ __all__ = [
     "TargetMode",
     "WeightTarget",
     "attach_recorders",
+    "data_parallel_seen",
     "embedding_modules",
     "gradient_rows",
     "lookup_scale",

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..distributed import data_parallel_forward
 from .row_gradients import remade_lookup
 
 Subscriber = Callable[[nn.Module, object, torch.Tensor], "torch.Tensor | None"]
@@ -29,10 +30,13 @@ class LookupHook:
         self._subscribers: dict[int, Subscriber] = {}  # by subscription number: insertion order is call order
         self._next = 0
         self.row_gradient_owners = 0  # fastadv objects that want the lookup's gradient added as rows
+        self.data_parallel: nn.Module | None = None  # the DDP wrapper whose forward last ran a lookup
         self._handle = module.register_forward_hook(self, with_kwargs=True, prepend=True)
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> object:
         ids = args[0] if args else kwargs.get("input")
+        if (wrapper := data_parallel_forward()) is not None:  # frozen tables too: output mode needs the group
+            self.data_parallel = wrapper
         result = None
         if self.row_gradient_owners:
             result = remade_lookup(module, ids, output)
@@ -93,6 +97,12 @@ class Subscription:
         self._key = None
         if module is not None:
             release(module, self._hook)
+
+
+def data_parallel_seen(modules: list[nn.Module]) -> list[nn.Module]:
+    """The DDP wrappers whose forward last looked each of ``modules`` up, in their order (none seen: empty)."""
+    seen = [hook.data_parallel for m in modules if (hook := _hooks.get(m)) is not None]
+    return [wrapper for wrapper in seen if wrapper is not None]
 
 
 def subscribe(module: nn.Module, subscriber: Subscriber) -> Subscription:

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 
-from ..distributed import data_parallel_forward
 from .hook import subscribe
 from .scale import lookup_scale, on_output, raw_gradient
 
@@ -36,7 +35,6 @@ class LookupEdges:
         self._lookups: deque = deque(maxlen=self.RECENT)  # (ids, GradientEdge, scale) per lookup
         self._deltas: list[torch.Tensor | None] | None = None
         self._next = 0
-        self.data_parallel: nn.Module | None = None  # the DDP wrapper whose forward last looked the module up
         self._handle = subscribe(module, self._on_lookup)
 
     def remove(self) -> None:
@@ -81,8 +79,6 @@ class LookupEdges:
             return output + on_output(delta, lookup_scale(module, ids, output)).to(output.dtype)
         if not torch.is_grad_enabled():
             return None
-        if (wrapper := data_parallel_forward()) is not None:
-            self.data_parallel = wrapper
         scale = lookup_scale(module, ids, output)
         replaced = None
         if not output.requires_grad:

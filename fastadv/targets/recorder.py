@@ -8,7 +8,6 @@ import weakref
 import torch
 from torch import nn
 
-from ..distributed import data_parallel_forward
 from ..errors import FastAdvWarning
 from ..ops import RowSet, row_set_from_ids, rows_l2_norm
 from ..ops.backend import resolve_backend
@@ -56,7 +55,6 @@ class LookupRecorder:
         self.compact_at = self.COMPACT_FLOOR + 4 * weight.shape[0]
         self.padding_idx: int | None = None  # of the modules looking it up (they agree in practice)
         self._handles: list = []
-        self.data_parallel: nn.Module | None = None  # the DDP wrapper whose forward last looked the table up
         self.looked_up = False  # whether any forward pass has looked the table up
 
     def attach(self, module: nn.Module) -> None:
@@ -72,8 +70,6 @@ class LookupRecorder:
 
     def _on_lookup(self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor) -> None:
         self.looked_up = True
-        if (wrapper := data_parallel_forward()) is not None:  # frozen tables too: output mode needs the group
-            self.data_parallel = wrapper
         if not (torch.is_grad_enabled() and self.weight.requires_grad and isinstance(output, torch.Tensor)):
             return
         ids = ids.detach()
