@@ -234,7 +234,7 @@ def triton_binder(fn: Any, arch: int) -> tuple[Any, Callable[..., Any]]:
     except ImportError as error:
         raise RuntimeError(
             f"Triton {triton.__version__} no longer has triton.runtime.jit.create_function_from_signature, "
-            "which tests/kernel_specialisation.py calls to specialise launches as the JIT does: port it."
+            "which tests/ops/kernel_specialisation.py calls to specialise launches as the JIT does: port it."
         ) from error
     backend = make_backend(GPUTarget("cuda", arch, WARP_SIZE))
     return backend, create_function_from_signature(fn.signature, fn.params, backend)
