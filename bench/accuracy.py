@@ -32,7 +32,7 @@ optimistic for the swept methods; test is not.
 Step cost: one training step of each method (zero_grad to optimizer step, on the same real batch of
 the longest length), timed in turns with a plain step on the same batch (common.interleaved_medians),
 so the ratio holds on a shared machine; peak memory of one step above the start (CPU: replayed from
-torch.profiler's allocation events, fastadv.benchmarking.peak_memory_bytes).
+torch.profiler's allocation events, bench/measure.py's peak_memory_bytes).
 
 Budget (AMD EPYC 2 cores, torch 2.13 CPU; `--budget` measures it again and prints the projection): e5-small
 forward+backward on a batch of 16 x 32 tokens and AdamW over its 117M parameters: a plain step of about
@@ -85,10 +85,10 @@ from common import (
     log,
     provenance,
 )
+from measure import device_description, peak_memory_bytes
 from torch import nn
 
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
-from fastadv.benchmarking import device_description, peak_memory_bytes
 from fastadv.snippets import SnippetFGM
 
 CSV_PATH = RESULTS / "accuracy.csv"

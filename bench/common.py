@@ -15,8 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-from fastadv.benchmarking import device_description, environment, median_seconds
+from measure import device_description, environment, median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The columns every result row starts with (provenance()), then each CSV's own.

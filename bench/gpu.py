@@ -74,6 +74,7 @@ from common import (
 )
 from gradient_penalty import EPSILON as GP_EPSILON
 from gradient_penalty import compare_gradient_penalty
+from measure import device_description, environment, median_seconds, peak_memory_bytes, synchronize
 from pgd import ALPHA, K, compare_pgd
 from snippet_vs_fastadv import bench_attack
 from step_cost import COLUMNS as COST_COLUMNS
@@ -81,7 +82,6 @@ from step_cost import QUICK_SHAPES, Shape, bench_shape
 from torch import nn
 
 from fastadv import FGM, PGD, GradientPenalty
-from fastadv.benchmarking import device_description, environment, median_seconds, peak_memory_bytes, synchronize
 from fastadv.ops import (
     resolve_backend,
     row_set_from_ids,

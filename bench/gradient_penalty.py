@@ -30,9 +30,9 @@ from common import (
     parameter_gradients,
     result_rows,
 )
+from measure import device_description, extra_memory_bytes
 
 from fastadv import GradientPenalty
-from fastadv.benchmarking import device_description, extra_memory_bytes
 
 CSV_PATH = RESULTS / "gradient_penalty.csv"
 EPSILON = 0.01

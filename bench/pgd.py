@@ -33,9 +33,9 @@ from common import (
     relative_grad_difference,
     result_rows,
 )
+from measure import GradientCopies, device_description, peak_memory_bytes
 
 from fastadv import PGD
-from fastadv.benchmarking import GradientCopies, device_description, peak_memory_bytes
 from fastadv.snippets import SnippetPGD
 
 CSV_PATH = RESULTS / "pgd.csv"

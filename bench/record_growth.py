@@ -45,9 +45,9 @@ from common import (
     log,
     provenance,
 )
+from measure import device_description, extra_memory_bytes, synchronize
 
 from fastadv import FGM
-from fastadv.benchmarking import device_description, extra_memory_bytes, synchronize
 
 CSV_PATH = RESULTS / "record_growth.csv"
 COLUMNS = [

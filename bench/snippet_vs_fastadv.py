@@ -46,9 +46,9 @@ from common import (
     release,
 )
 from fgm_cases import BATCH, EPSILON, SEQ, make_attack_case
+from measure import device_description, environment, extra_memory_bytes
 
 from fastadv import FGM
-from fastadv.benchmarking import device_description, environment, extra_memory_bytes
 from fastadv.snippets import SnippetFGM
 
 CSV_PATH = RESULTS / "fgm.csv"

@@ -58,9 +58,9 @@ from common import (
     qwen2_lm,
     release,
 )
+from measure import cpu_memory_events, device_description, peak_memory_bytes, peak_of
 
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
-from fastadv.benchmarking import cpu_memory_events, device_description, peak_memory_bytes, peak_of
 from fastadv.snippets import SnippetFGM
 from fastadv.targets.row_gradients import ROW_GRADIENTS_VARIABLE
 

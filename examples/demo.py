@@ -29,13 +29,17 @@ import copy
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from fastadv import FGM
-from fastadv.benchmarking import device_description, environment, extra_memory_bytes, median_seconds, synchronize
 from fastadv.snippets import SnippetFGM
+
+# The measurements (time, extra memory, provenance) are bench/measure.py's: the demo reports what the benchmarks do.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from measure import device_description, environment, extra_memory_bytes, median_seconds, synchronize
 
 EMB_NAME = "word_embeddings"  # as the snippet is called for BERT: bert.embeddings.word_embeddings.weight
 MAX_REL_DIFF = 1e-5  # how far apart the snippet's and fastadv's final weights may end (fp32)

@@ -7,11 +7,11 @@ import copy
 import pytest
 import torch
 from conftest import DEVICE, relative_difference
+from measure import GradientCopies  # bench/measure.py (pyproject: pytest pythonpath)
 from models import BagOfEmbeddings, bag_loss, batches, bert_loss, tiny_bert, tiny_gpt2, twins
 from torch import nn
 
 from fastadv import PGD, AttackStateError, FastAdvError, FastAdvWarning
-from fastadv.benchmarking import GradientCopies
 from fastadv.snippets import SnippetPGD
 
 K = 3

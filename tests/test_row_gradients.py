@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE, dtype_id
 from distributed_worker import train as train_with_calls
+from measure import cpu_memory_events  # bench/measure.py (pyproject: pytest pythonpath)
 from models import VOCAB, BagOfEmbeddings, batches, bert_loss, tiny_bert, tiny_gpt2
 from sync_checks import host_syncs_forbidden
 
 import fastadv.ops.lookup as lookup
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
-from fastadv.benchmarking import cpu_memory_events
 from fastadv.ops import compact_ids, row_gradient_lookup
 from fastadv.targets import ROW_GRADIENTS_VARIABLE, RowGradientHooks
 

@@ -1,6 +1,7 @@
 """Measuring what adversarial training costs: time and extra memory of a callable, CPU or CUDA.
 
-Shared by ``bench/`` and ``examples/demo.py`` so both report the same quantities:
+Shared by ``bench/``, ``examples/demo.py`` and the tests (pyproject's pytest ``pythonpath``), so all report
+the same quantities; not part of the installed package:
 
 - time: median wall-clock seconds over repeats, with the device synchronized around each call;
 - extra memory: on CUDA, the peak allocated above what was allocated before the call; on CPU
