@@ -4,9 +4,10 @@ A top-level module named `kernels` could clash with any other package, so the di
 into the package for regular and editable installs alike.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["fastadv", "fastadv.ops", "fastadv.methods", "fastadv.integrations", "fastadv.kernels"],
+    # Every package under fastadv/ (a new subpackage ships without being listed here), and the kernels.
+    packages=[*find_packages(include=["fastadv", "fastadv.*"]), "fastadv.kernels"],
     package_dir={"fastadv": "fastadv", "fastadv.kernels": "kernels"},
 )

@@ -24,6 +24,10 @@ def test_wheel_ships_kernels_inside_the_package(tmp_path):
     assert "fastadv/ops/rows_backup_add.py" in names and "fastadv/methods/fgm.py" in names
     assert "fastadv/integrations/hf.py" in names and "fastadv/integrations/lightning.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "kernels/ must not install as a top-level module"
+    sources = [f"fastadv/{p.relative_to(ROOT / 'fastadv')}" for p in (ROOT / "fastadv").rglob("*.py")]
+    sources += [f"fastadv/kernels/{p.relative_to(ROOT / 'kernels')}" for p in (ROOT / "kernels").rglob("*.py")]
+    missing = sorted(set(sources) - set(names))
+    assert not missing, f"the wheel lacks these modules of the source tree (setup.py's packages): {missing}"
 
 
 def test_installed_kernels_are_the_repositorys():
