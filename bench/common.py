@@ -12,26 +12,71 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from measure import device_description, environment, median_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# The columns every result row starts with (provenance()), then each CSV's own.
+# The columns every result row starts with (provenance()).
 PROVENANCE = ["date", "device", "device_type", "torch", "triton", "python", "cuda", "commit"]
-COLUMNS = [
-    *PROVENANCE,
-    "benchmark",
-    "vocab",
-    "dim",
-    "batch",
-    "impl",
-    "median_s",
-    "repeats",
-    "extra_memory_bytes",
-    "notes",
-]
+# Every results CSV has these columns, one measured quantity per row (long form): what was run
+# (benchmark, the configuration as "key=value; key=value", the implementation), the quantity (metric)
+# and its value.
+RESULT_COLUMNS = [*PROVENANCE, "benchmark", "config", "impl", "metric", "value", "notes"]
+CONFIG_SEPARATOR = "; "
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one benchmark's rows (a dict per implementation and configuration, as its script builds them)
+    become long-form results: which of their keys describe the configuration and which are measured.
+
+    A row holds PROVENANCE, ``benchmark`` (unless the layout names one), ``impl`` (under another key
+    where the script calls it so, e.g. accuracy's ``method``), the config and metric keys, and ``notes``.
+    """
+
+    config: tuple[str, ...]
+    metrics: tuple[str, ...]
+    impl: str = "impl"
+    benchmark: str | None = None  # every row's benchmark, when the rows do not carry one
+
+    def long_rows(self, row: dict) -> list[dict]:
+        """One long-form row (RESULT_COLUMNS) per metric of a wide ``row``. A config key or metric the row
+        lacks is left out (a skipped configuration has no time); a key the layout does not place is an error."""
+        required = {*PROVENANCE, self.impl, "notes"} | ({"benchmark"} if self.benchmark is None else set())
+        unplaced = set(row) - required - {*self.config, *self.metrics}
+        if unplaced or not required <= set(row):
+            raise ValueError(
+                f"a result row has keys {sorted(unplaced)} that its layout does not place and lacks "
+                f"{sorted(required - set(row))}: add them to the Layout's config or metrics"
+            )
+        clashes = [f"{k}={row[k]!r}" for k in self.config if CONFIG_SEPARATOR in str(row.get(k, ""))]
+        if clashes:
+            raise ValueError(f"config values {clashes} hold {CONFIG_SEPARATOR!r}, which separates them in the CSV")
+        head = {key: row[key] for key in PROVENANCE} | {
+            "benchmark": self.benchmark or row["benchmark"],
+            "config": CONFIG_SEPARATOR.join(f"{k}={row[k]}" for k in self.config if k in row),
+            "impl": row[self.impl],
+        }
+        return [head | {"metric": m, "value": row[m], "notes": row["notes"]} for m in self.metrics if m in row]
+
+    def wide_rows(self, long_rows: list[dict]) -> list[dict]:
+        """The rows long_rows() was given, back from a CSV's long-form rows (values as the CSV's strings)."""
+        wide: dict[tuple, dict] = {}
+        for r in long_rows:
+            key = tuple(r[c] for c in RESULT_COLUMNS if c not in ("metric", "value"))
+            if key not in wide:
+                wide[key] = {c: r[c] for c in PROVENANCE} | ({} if self.benchmark else {"benchmark": r["benchmark"]})
+                wide[key] |= dict(item.split("=", 1) for item in r["config"].split(CONFIG_SEPARATOR) if item)
+                wide[key] |= {self.impl: r["impl"], "notes": r["notes"]}
+            wide[key][r["metric"]] = r["value"]
+        return list(wide.values())
+
+
+# The rows result_rows() makes: one per implementation of a configuration of vocab, dim and batch.
+SHAPE_LAYOUT = Layout(config=("vocab", "dim", "batch"), metrics=("median_s", "repeats", "extra_memory_bytes"))
 
 
 def provenance(device: torch.device) -> dict[str, str]:
@@ -224,17 +269,24 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def append_rows(rows: list[dict], csv_path: Path, columns: list[str] = COLUMNS) -> None:
-    """Append rows to a results CSV (never overwriting), refusing a file with other columns."""
+def append_rows(rows: list[dict], csv_path: Path, layout: Layout) -> None:
+    """Append ``rows`` to a results CSV in long form (RESULT_COLUMNS; never overwriting), refusing a file
+    with other columns."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     if not new:
         with csv_path.open(newline="") as f:
             header = next(csv.reader(f), None)
-        if header != columns:
-            raise SystemExit(f"{csv_path} has columns {header}, expected {columns}: not appending to it.")
+        if header != RESULT_COLUMNS:
+            raise SystemExit(f"{csv_path} has columns {header}, expected {RESULT_COLUMNS}: not appending to it.")
     with csv_path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
         if new:
             writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(long_row for row in rows for long_row in layout.long_rows(row))
+
+
+def read_rows(csv_path: Path, layout: Layout) -> list[dict]:
+    """The rows append_rows() wrote to ``csv_path``, one dict per implementation and configuration."""
+    with csv_path.open(newline="") as f:
+        return layout.wide_rows(list(csv.DictReader(f)))

@@ -59,9 +59,9 @@ from typing import TextIO
 import torch
 import torch.nn.functional as F
 from common import (
-    COLUMNS,
-    PROVENANCE,
     RESULTS,
+    SHAPE_LAYOUT,
+    Layout,
     append_rows,
     fastadv_revision,
     interleaved_medians,
@@ -77,7 +77,7 @@ from gradient_penalty import compare_gradient_penalty
 from measure import device_description, environment, median_seconds, peak_memory_bytes, synchronize
 from pgd import ALPHA, K, compare_pgd
 from snippet_vs_fastadv import bench_attack
-from step_cost import COLUMNS as COST_COLUMNS
+from step_cost import LAYOUT as COST_LAYOUT
 from step_cost import QUICK_SHAPES, Shape, bench_shape
 from torch import nn
 
@@ -103,16 +103,23 @@ PARTS = ("sync", "graph", "attack", "step", "cost", "pgd", "gp", "kernels", "seg
 EPSILON = 1.0
 LLAMA_EMB_NAME = "embed_tokens"  # as the snippet is called on a Llama: model.embed_tokens.weight
 FIT_FRACTION = 0.85  # a configuration runs when its estimated peak is under this fraction of the device
-STEP_COLUMNS = [
-    *PROVENANCE,
-    "benchmark", "model", "vocab", "hidden", "layers", "tokens", "dtype", "impl", "status", "median_s", "repeats",
-    "vs_plain", "peak_bytes", "peak_above_start_bytes", "estimated_peak_bytes", "notes",
-]  # fmt: skip
-KERNEL_COLUMNS = [
-    *PROVENANCE,
-    "benchmark", "kernel", "backend", "ids", "vocab", "dim", "dtype", "positions", "distinct_rows", "median_s",
-    "min_bytes", "gb_per_s", "copy_gb_per_s", "fraction_of_copy", "notes",
-]  # fmt: skip
+STEP_LAYOUT = Layout(
+    config=("model", "vocab", "hidden", "layers", "tokens", "dtype"),
+    metrics=(
+        "status",
+        "median_s",
+        "repeats",
+        "vs_plain",
+        "peak_bytes",
+        "peak_above_start_bytes",
+        "estimated_peak_bytes",
+    ),
+)
+KERNEL_LAYOUT = Layout(
+    config=("backend", "ids", "vocab", "dim", "dtype", "positions", "distinct_rows"),
+    metrics=("median_s", "min_bytes", "gb_per_s", "copy_gb_per_s", "fraction_of_copy"),
+    impl="kernel",
+)
 
 
 # ---------------------------------------------------------------- sizes
@@ -238,10 +245,10 @@ class Run:
         log(f"  part over its time budget: skipping {what}")
         return True
 
-    def save(self, name: str, rows: list[dict], columns: list[str]) -> None:
+    def save(self, name: str, rows: list[dict], layout: Layout) -> None:
         """Append the part's rows to ``name`` under --out at once, so a run cut short keeps them."""
         if rows:
-            append_rows(rows, self.out / name, columns)
+            append_rows(rows, self.out / name, layout)
             log(f"  {len(rows)} rows appended to {self.out / name}")
 
 
@@ -680,7 +687,7 @@ def part_attack(run: Run) -> str:
         shape = {"vocab": r["vocab"], "dim": r["dim"], "batch": f"{batch}x{seq}"}
         note = f"{dtype_name(s.dtype)} table; {fastadv_revision()}; {r['notes']}"
         rows += result_rows(run.device, "gpu_attack_restore", shape, times, s.attack_repeats, memory, note)
-    run.save("gpu_attack.csv", rows, COLUMNS)
+    run.save("gpu_attack.csv", rows, SHAPE_LAYOUT)
     run.plot_data["attack"] = results
     print(f"\nattack+restore, {dtype_name(s.dtype)} table V x {s.attack_dim}, {batch}x{seq} random ids (median):")
     print(f"{'V':>8} {'snippet ms':>11} {'fastadv ms':>11} {'faster':>7} {'snippet MiB':>12} {'fastadv MiB':>12}")
@@ -864,7 +871,7 @@ def part_step(run: Run) -> str:
                 | {"vs_plain": f"{times[impl] / times['plain']:.4f}", "peak_bytes": peak_bytes(result, impl)}
                 | {"peak_above_start_bytes": peaks[impl], "notes": note}
             )
-    run.save("gpu_step.csv", rows, STEP_COLUMNS)
+    run.save("gpu_step.csv", rows, STEP_LAYOUT)
     run.plot_data["step"] = results
     print(f"\ntraining step (Llama {layers} x {hidden}, {dtype_name(s.dtype)}), median ms and x plain; peak GiB:")
     print(f"{'V':>8} {'tokens':>7} {'plain':>9} {'snippet':>16} {'fastadv':>16}   {'peak plain/snippet/fastadv':>27}")
@@ -888,7 +895,7 @@ def part_cost(run: Run) -> str:
     """bench/step_cost.py on the device: plain, snippet, FGM, pgd.step, FreeLB, the penalty, rows vs dense."""
     shape = run.sizes.cost
     rows = bench_shape(shape, run.device, run.sizes.dtype, run.sizes.repeats, run.quick)
-    run.save("gpu_step_cost.csv", rows, COST_COLUMNS)
+    run.save("gpu_step_cost.csv", rows, COST_LAYOUT)
     ratio = {(r["impl"], r["row_gradients"]): float(r["x_plain"]) for r in rows}
     return (
         f"{shape.name} {dtype_name(run.sizes.dtype)}: FGM {ratio[('fgm', 1)]:.2f}x plain with rows, "
@@ -923,7 +930,7 @@ def save_comparison(
     print(f"{'':>18}{'median ms':>11}{'x plain':>9}{'peak above start MiB':>22}")
     for impl, seconds in times.items():
         print(f"{impl:>18}{seconds * 1e3:>11.1f}{seconds / times['plain']:>8.2f}x{peaks[impl] / 2**20:>22.1f}")
-    run.save("gpu_step.csv", rows, STEP_COLUMNS)
+    run.save("gpu_step.csv", rows, STEP_LAYOUT)
 
 
 def part_pgd(run: Run) -> str:
@@ -1054,7 +1061,7 @@ def part_kernels(run: Run) -> str:
     shape = {"ids": "uniform", "vocab": vocab, "dim": dim, "dtype": dtype_name(dtype), "positions": positions}
     rows = kernel_rows(run, "gpu_kernel_bandwidth", cases, shape | {"distinct_rows": distinct}, copy_bps)
     rows_restore(weight, backup, row_set, backend)  # leave nothing half done (the tensors die here anyway)
-    run.save("gpu_kernels.csv", rows, KERNEL_COLUMNS)
+    run.save("gpu_kernels.csv", rows, KERNEL_LAYOUT)
     run.plot_data["kernels"] = rows
     fractions = ", ".join(f"{r['kernel'].split(' (')[0]} {float(r['fraction_of_copy']):.2f}" for r in rows)
     return f"fraction of copy bandwidth ({copy_bps / 1e9:.0f} GB/s): {fractions}" + (
@@ -1096,7 +1103,7 @@ def part_segment(run: Run) -> str:
         columns = {"ids": label, "distinct_rows": distinct}
         cases.append(KernelCase(f"segment sum ({label})", call, min_bytes, note, columns))
     rows = kernel_rows(run, "gpu_segment_skew", cases, shape, copy_bps)
-    run.save("gpu_kernels.csv", rows, KERNEL_COLUMNS)
+    run.save("gpu_kernels.csv", rows, KERNEL_LAYOUT)
     t = {r["ids"]: float(r["median_s"]) for r in rows}
     return (
         f"uniform {t['uniform'] * 1e6:.0f} us, skewed {t['skewed'] * 1e6:.0f} us "

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from common import (
     RESULTS,
+    SHAPE_LAYOUT,
     append_rows,
     bert_classifier,
     bert_step_parser,
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = result_rows(
         device, "gradient_penalty_step", shape, times, args.repeats, memory, f"{args.layers} layers; {note}"
     )
-    append_rows(rows, CSV_PATH)
+    append_rows(rows, CSV_PATH, SHAPE_LAYOUT)
     log(f"appended {len(rows)} rows to {CSV_PATH}")
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 from common import (
     RESULTS,
+    SHAPE_LAYOUT,
     append_rows,
     bert_classifier,
     bert_step_parser,
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     shape = {"vocab": args.vocab, "dim": hidden, "batch": f"{args.batch}x{args.seq}"}
     notes = {n: f"{layers} layers; memory = peak above start; gradient bytes copied {copied[n]}; {note}" for n in times}
     rows = result_rows(device, "pgd_step", shape, times, args.repeats, peaks, notes)
-    append_rows(rows, CSV_PATH)
+    append_rows(rows, CSV_PATH, SHAPE_LAYOUT)
     log(f"appended {len(rows)} rows to {CSV_PATH}")
 
 

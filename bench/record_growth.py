@@ -36,8 +36,8 @@ import time
 
 import torch
 from common import (
-    PROVENANCE,
     RESULTS,
+    Layout,
     append_rows,
     bert_classifier,
     fastadv_revision,
@@ -50,11 +50,10 @@ from measure import device_description, extra_memory_bytes, synchronize
 from fastadv import FGM
 
 CSV_PATH = RESULTS / "record_growth.csv"
-COLUMNS = [
-    *PROVENANCE,
-    "benchmark", "vocab", "dim", "batch", "zero_grad", "window_end_step", "window_steps", "attack_restore_median_s",
-    "recorded_ids", "attack_bytes", "rss_bytes", "allocated_bytes", "notes",
-]  # fmt: skip
+LAYOUT = Layout(
+    config=("vocab", "dim", "batch", "zero_grad", "window_end_step", "window_steps"),
+    metrics=("attack_restore_median_s", "recorded_ids", "attack_bytes", "rss_bytes", "allocated_bytes"),
+)
 EPSILON = 1.0
 MEMORY_STEPS = 3  # the last steps of each window: attack() under the profiler (CPU), so not timed
 PAIRS = 5  # attack+restore pairs timed per step of a window, the fastest kept (the least disturbed)
@@ -223,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick or args.no_save:
         log("quick / --no-save run: nothing written")
         return
-    base_row = provenance(device) | {"benchmark": "record_growth", "vocab": args.vocab, "dim": args.hidden}
+    base_row = provenance(device) | {"benchmark": "record_growth", "impl": "fastadv FGM"}
+    base_row |= {"vocab": args.vocab, "dim": args.hidden}
     notes = f"{args.layers} layers; {fastadv_revision()}; final weights False vs True: {agree}; rss = both runs; {load}"
     rows = [
         base_row
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         for run in runs
         for end in ends
     ]
-    append_rows(rows, CSV_PATH, COLUMNS)
+    append_rows(rows, CSV_PATH, LAYOUT)
     log(f"appended {len(rows)} rows to {CSV_PATH}")
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from common import (
     RESULTS,
+    SHAPE_LAYOUT,
     append_rows,
     fastadv_revision,
     interleaved_medians,
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     print_tables(attack, train, desc)
     if args.save:
-        append_rows(rows, CSV_PATH)
+        append_rows(rows, CSV_PATH, SHAPE_LAYOUT)
         png = plot(attack, device, desc, args.dim)
         log(f"appended {len(rows)} rows to {CSV_PATH}; plot {png}")
     else:

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 
 import torch
 from common import (
-    PROVENANCE,
     RESULTS,
+    Layout,
     append_rows,
     bert_classifier,
     fastadv_revision,
@@ -65,22 +65,11 @@ from fastadv.snippets import SnippetFGM
 from fastadv.targets.row_gradients import ROW_GRADIENTS_VARIABLE
 
 CSV_PATH = RESULTS / "step_cost.csv"
-COLUMNS = [
-    *PROVENANCE,
-    "shape",
-    "vocab",
-    "dim",
-    "layers",
-    "batch",
-    "impl",
-    "row_gradients",
-    "median_s",
-    "x_plain",
-    "repeats",
-    "peak_bytes",
-    "vxd_allocations",
-    "notes",
-]
+LAYOUT = Layout(
+    config=("shape", "vocab", "dim", "layers", "batch", "row_gradients"),
+    metrics=("median_s", "x_plain", "repeats", "peak_bytes", "vxd_allocations"),
+    benchmark="step_cost",
+)
 EPSILON, ALPHA, K = 1.0, 0.3, 3
 FREELB = {"adv_lr": 0.1, "adv_steps": K, "adv_max_norm": 1.0}
 GP_EPSILON = 0.01
@@ -338,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         log("--quick: nothing saved")
         return
-    append_rows(rows, CSV_PATH, COLUMNS)
+    append_rows(rows, CSV_PATH, LAYOUT)
     log(f"appended {len(rows)} rows to {CSV_PATH}")
 
 
