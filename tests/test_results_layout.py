@@ -7,10 +7,11 @@ from pathlib import Path
 
 import accuracy
 import common
-import gpu
 import pytest
 import record_growth
 import step_cost
+from gpu_parts.kernels import KERNEL_LAYOUT
+from gpu_parts.step import STEP_LAYOUT
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 # Each CSV a bench script writes and the layout it writes it with (gpu_* under the GPU run's --out).
@@ -22,9 +23,9 @@ LAYOUTS = {
     "record_growth.csv": record_growth.LAYOUT,
     "accuracy.csv": accuracy.LAYOUT,
     "gpu_attack.csv": common.SHAPE_LAYOUT,
-    "gpu_step.csv": gpu.STEP_LAYOUT,
+    "gpu_step.csv": STEP_LAYOUT,
     "gpu_step_cost.csv": step_cost.LAYOUT,
-    "gpu_kernels.csv": gpu.KERNEL_LAYOUT,
+    "gpu_kernels.csv": KERNEL_LAYOUT,
 }
 
 
