@@ -37,7 +37,7 @@ from common import (
 from measure import GradientCopies, device_description, peak_memory_bytes
 
 from fastadv import PGD
-from fastadv.snippets import SnippetPGD
+from fastadv.snippets import SnippetPGD, pgd_snippet_step
 
 CSV_PATH = RESULTS / "pgd.csv"
 K, EPSILON, ALPHA = 3, 1.0, 0.3
@@ -45,17 +45,8 @@ EMB_NAME = "word_embeddings"
 
 
 def snippet_loop(model: torch.nn.Module, adversary, closure, emb_name: str = EMB_NAME) -> None:
-    """The loop every PGD script has (also run with fastadv.PGD: its drop-in calls)."""
-    closure().backward()
-    adversary.backup_grad()
-    for t in range(K):
-        adversary.attack(EPSILON, ALPHA, emb_name, is_first_attack=(t == 0))
-        if t != K - 1:
-            model.zero_grad()
-        else:
-            adversary.restore_grad()
-        closure().backward()
-    adversary.restore(emb_name)
+    """The loop every PGD script has (also run with fastadv.PGD: its drop-in calls), at this benchmark's K."""
+    pgd_snippet_step(model, adversary, closure, K, epsilon=EPSILON, alpha=ALPHA, emb_name=emb_name)
 
 
 def compare_pgd(

@@ -1,4 +1,5 @@
-"""The slow FGM and PGD snippets that fastadv replaces, kept as oracles for tests, benchmarks and the demo.
+"""The slow FGM and PGD snippets that fastadv replaces, and the PGD loop they are called in: the reference
+fastadv promises to match, kept public for tests, benchmarks and the demo.
 
 This is the code copied across fine-tuning scripts, with its behaviour reproduced exactly (the
 whole-table clone, the whole-gradient norm, the host sync in ``if norm != 0``, the V x d
@@ -8,6 +9,8 @@ take the same calls.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -78,3 +81,35 @@ class SnippetPGD:
         for name, param in self.model.named_parameters():
             if param.requires_grad:
                 param.grad = self.grad_backup[name]
+
+
+def pgd_snippet_step(
+    model: torch.nn.Module,
+    adversary,
+    closure: Callable[[], torch.Tensor],
+    steps: int = 3,
+    set_to_none: bool = True,
+    after_attack: Callable[[int], object] | None = None,
+    **names: object,
+) -> None:
+    """One training step's passes of the loop every PGD script has, around the snippet's calls (SnippetPGD's
+    or fastadv.PGD's drop-in ones): clean backward, ``backup_grad()``, ``steps`` attacks with ``zero_grad()``
+    between them and ``restore_grad()`` before the last backward, ``restore()``. No optimizer step.
+
+    Args:
+        closure: a forward pass; returns the loss.
+        after_attack: called with t after the t-th attack (0-based).
+        names: ``epsilon``, ``alpha``, ``emb_name`` for ``attack()``; ``emb_name`` goes to ``restore()`` too.
+    """
+    closure().backward()
+    adversary.backup_grad()
+    for t in range(steps):
+        adversary.attack(is_first_attack=t == 0, **names)
+        if after_attack is not None:
+            after_attack(t)
+        if t != steps - 1:
+            model.zero_grad(set_to_none=set_to_none)
+        else:
+            adversary.restore_grad()
+        closure().backward()
+    adversary.restore(**{key: value for key, value in names.items() if key == "emb_name"})

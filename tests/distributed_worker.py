@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from fastadv.snippets import pgd_snippet_step
+
 
 def train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: float = 0.1) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -21,16 +23,7 @@ def train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: floa
         elif steps_on == "step_no_sync":
             adversary.step(closure, clean_no_sync=True)
         elif hasattr(adversary, "backup_grad"):  # PGD, the snippet's calls
-            closure().backward()
-            adversary.backup_grad()
-            for t in range(adversary.steps):
-                adversary.attack(is_first_attack=t == 0)
-                if t != adversary.steps - 1:
-                    model.zero_grad()
-                else:
-                    adversary.restore_grad()
-                closure().backward()
-            adversary.restore()
+            pgd_snippet_step(model, adversary, closure, adversary.steps)
         else:  # FGM, the snippet's calls
             closure().backward()
             adversary.attack()

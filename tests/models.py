@@ -113,30 +113,3 @@ def train_with(
 
 def twins(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     return model, copy.deepcopy(model)
-
-
-def pgd_snippet_round(
-    model: nn.Module,
-    adversary,
-    closure: Callable[[], torch.Tensor],
-    steps: int,
-    attack_args: tuple = (),
-    restore_args: tuple = (),
-    set_to_none: bool = True,
-    after_attack: Callable[[int], object] | None = None,
-) -> None:
-    """One step's passes of the loop every PGD script has: clean backward, backup_grad(), ``steps``
-    attacks with zero_grad() between them and restore_grad() before the last backward, restore().
-    ``after_attack(t)`` runs after the t-th attack."""
-    closure().backward()
-    adversary.backup_grad()
-    for t in range(steps):
-        adversary.attack(*attack_args, is_first_attack=t == 0)
-        if after_attack is not None:
-            after_attack(t)
-        if t != steps - 1:
-            model.zero_grad(set_to_none=set_to_none)
-        else:
-            adversary.restore_grad()
-        closure().backward()
-    adversary.restore(*restore_args)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import relative_difference
-from models import batches, bert_loss, pgd_snippet_round, tiny_bert
+from models import batches, bert_loss, tiny_bert
 from torch import nn
 
 from fastadv import FGM, PGD, FreeLB, GradientPenalty, ReentrantCheckpointError
+from fastadv.snippets import pgd_snippet_step
 
 # transformers 5 renames gradient_checkpointing_enable (what training scripts call) activation_checkpointing_enable.
 pytestmark = pytest.mark.filterwarnings("ignore:.*checkpointing.* is deprecated:FutureWarning")
@@ -56,7 +57,7 @@ def train(method: str, model: nn.Module, data: list) -> None:
             closure().backward()
             adversary.restore()
         elif method == "pgd_calls":
-            pgd_snippet_round(model, adversary, closure, adversary.steps)
+            pgd_snippet_step(model, adversary, closure, adversary.steps)
         else:
             adversary.step(closure)
         opt.step()

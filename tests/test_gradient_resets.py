@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import DEVICE, relative_difference
-from models import batches, bert_loss, pgd_snippet_round, tiny_bert
+from models import batches, bert_loss, tiny_bert
 from torch import nn
 
 from fastadv import FGM, PGD
-from fastadv.snippets import SnippetFGM, SnippetPGD
+from fastadv.snippets import SnippetFGM, SnippetPGD, pgd_snippet_step
 from fastadv.targets.recorder import LookupRecorder
 
 EMB = "word_embeddings"
@@ -142,7 +142,7 @@ def test_pgd_snippet_calls_under_accumulation_equal_the_snippet(backend, set_to_
             clean = table.detach().clone()
             closure = lambda m=model, ids=ids, labels=labels: bert_loss(m, ids, labels) / 3  # noqa: E731
             after = lambda t, out=moved, table=table, clean=clean: out.append(table.detach() - clean)  # noqa: E731
-            pgd_snippet_round(model, adversary, closure, 3, (0.05, 0.03, EMB), (EMB,), set_to_none, after)
+            pgd_snippet_step(model, adversary, closure, 3, set_to_none, after, epsilon=0.05, alpha=0.03, emb_name=EMB)
             if (i + 1) % 3 == 0:
                 opt.step()
                 opt.zero_grad(set_to_none=set_to_none)

@@ -35,7 +35,7 @@ from conftest import DEVICE, relative_difference
 from torch import nn
 
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
-from fastadv.snippets import SnippetFGM, SnippetPGD
+from fastadv.snippets import SnippetFGM, SnippetPGD, pgd_snippet_step
 
 VOCAB = 113
 TOLERANCE = 1e-5
@@ -296,20 +296,6 @@ def fgm_loop(adversary, closure: Callable, **names) -> None:
     adversary.restore(**names)
 
 
-def pgd_loop(adversary, model: nn.Module, closure: Callable, **names) -> None:
-    """The PGD loop every script has (the snippet's calls, K = 3); no optimizer step."""
-    closure().backward()
-    adversary.backup_grad()
-    for t in range(PGD_STEPS):
-        adversary.attack(is_first_attack=t == 0, **names)
-        if t != PGD_STEPS - 1:
-            model.zero_grad()
-        else:
-            adversary.restore_grad()
-        closure().backward()
-    adversary.restore(**names)
-
-
 def build_method(method: str, model: nn.Module):
     """The method in its default call."""
     return {"fgm": FGM, "pgd-step": PGD, "pgd-calls": PGD, "freelb": FreeLB, "gp": GradientPenalty}[method](model)
@@ -319,7 +305,7 @@ def run_method(method: str, adversary, model: nn.Module, closure: Callable) -> N
     if method == "fgm":
         fgm_loop(adversary, closure)
     elif method == "pgd-calls":
-        pgd_loop(adversary, model, closure)
+        pgd_snippet_step(model, adversary, closure, PGD_STEPS)
     else:  # pgd-step, freelb, gp
         adversary.step(closure)
 
@@ -419,7 +405,7 @@ def run_reference(method: str, model: nn.Module, family: str, batch: dict) -> nn
     if method == "fgm":
         fgm_loop(SnippetFGM(reference), closure, emb_name=name)
     else:  # pgd-step and pgd-calls: the same numbers
-        pgd_loop(SnippetPGD(reference), reference, closure, emb_name=name)
+        pgd_snippet_step(reference, SnippetPGD(reference), closure, PGD_STEPS, emb_name=name)
     return reference
 
 

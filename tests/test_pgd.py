@@ -12,7 +12,7 @@ from models import BagOfEmbeddings, bag_loss, batches, bert_loss, tiny_bert, tin
 from torch import nn
 
 from fastadv import PGD, AttackStateError, FastAdvError, FastAdvWarning
-from fastadv.snippets import SnippetPGD
+from fastadv.snippets import SnippetPGD, pgd_snippet_step
 
 K = 3
 
@@ -28,16 +28,8 @@ def train_snippet_loop(model, adversary, data, loss_fn, epsilon, alpha, emb_name
     """The loop every PGD script has, with the snippet's calls."""
     opt = (torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD)(model.parameters(), lr=lr)
     for ids, labels in data:
-        loss_fn(model, ids, labels).backward()
-        adversary.backup_grad()
-        for t in range(K):
-            adversary.attack(epsilon, alpha, emb_name, is_first_attack=(t == 0))
-            if t != K - 1:
-                model.zero_grad()
-            else:
-                adversary.restore_grad()
-            loss_fn(model, ids, labels).backward()
-        adversary.restore(emb_name)
+        closure = lambda ids=ids, labels=labels: loss_fn(model, ids, labels)  # noqa: E731
+        pgd_snippet_step(model, adversary, closure, K, epsilon=epsilon, alpha=alpha, emb_name=emb_name)
         opt.step()
         opt.zero_grad()
     return model
