@@ -72,3 +72,8 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b||, in fp64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def parameter_gradients(model: torch.nn.Module) -> torch.Tensor:
+    """Every parameter gradient of ``model`` that is set, flattened into one vector."""
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])

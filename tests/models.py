@@ -6,6 +6,7 @@ import copy
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from conftest import DEVICE
 from torch import nn
 
@@ -60,6 +61,38 @@ class BagOfEmbeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.emb(input_ids)).mean(dim=1))
+
+
+class SmallLM(nn.Module):
+    """An embedding (row 0 the padding row), two GELU layers and a per-token classifier: every op of its
+    forward and backward can be captured in a CUDA graph.
+
+    forward(ids [B, T] int64, labels [B, T] int64) returns the mean cross-entropy loss (a scalar).
+    """
+
+    CLASSES = 8
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 60, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim, padding_idx=0)
+        self.body = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim), nn.GELU())
+        self.head = nn.Linear(dim, self.CLASSES)
+        self.to(DEVICE)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.head(self.body(self.emb(ids))).flatten(0, 1), labels.flatten())
+
+
+def token_batch(
+    seed: int, low: int = 1, high: int = VOCAB, batch: int = 4, seq: int = 13
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SmallLM's (ids [B, T], labels [B, T]): ids in [low, high), the last two positions of each row padding (0)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, high, (batch, seq), generator=gen)
+    ids[:, -2:] = 0
+    labels = torch.randint(0, SmallLM.CLASSES, (batch, seq), generator=gen)
+    return ids.to(DEVICE), labels.to(DEVICE)
 
 
 def batches(n: int, vocab: int = VOCAB, batch: int = 4, seq: int = 13, seed: int = 1, repeats: bool = True):

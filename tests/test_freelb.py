@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, relative_difference
+from conftest import DEVICE, parameter_gradients, relative_difference
 from models import BagOfEmbeddings, bag_loss, batches, tiny_bert, tiny_gpt2, twins
 from torch import nn
 
@@ -16,10 +16,6 @@ CONFIGS = {
     "linf-init-maxnorm": dict(adv_lr=0.05, adv_steps=3, adv_init_mag=0.02, adv_max_norm=0.025, norm="linf"),
     "l2-keep-clean": dict(adv_lr=0.1, adv_steps=2, keep_clean_loss=True),
 }
-
-
-def parameter_gradients(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
 def max_relative_difference(ours: nn.Module, reference: nn.Module) -> float:

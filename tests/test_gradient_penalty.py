@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, parameter_gradients
 from models import BagOfEmbeddings, bag_loss, batches, bert_loss, tiny_bert, twins
 from torch import nn
 
 from fastadv import EmbeddingNotFoundError, FastAdvError, GradientPenalty, MissingGradientError
-
-
-def parameter_gradients(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
 def reference_penalized_gradients(model: nn.Module, ids, labels, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""attack() and restore() never wait for the device: no .item(), bool(), nonzero() or unique() on the path.
+"""attack() and restore(), and the gradient penalty's own part of step(), never wait for the device: no
+.item(), bool(), nonzero() or unique() on the path.
 
 On CUDA the check is torch.cuda.set_sync_debug_mode("error"). On any device, every tensor operation
 that would sync the host with a CUDA device is made to raise while attack/restore run, and the
@@ -7,13 +8,16 @@ row set takes the static-shape form that CUDA uses (sorted ids with first-occurr
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DEVICE
 from models import batches, bert_loss, tiny_bert
 from sync_checks import host_syncs_forbidden
+from torch import nn
 
-from fastadv import FGM, PGD
+from fastadv import FGM, PGD, GradientPenalty
 
 
 @pytest.mark.parametrize(
@@ -68,7 +72,80 @@ def test_pgd_attacks_and_restore_never_sync(backend, static_rows, target):
     assert torch.equal(model.get_input_embeddings().weight, before)
 
 
-def test_the_guard_catches_a_sync():
-    """The guard itself: a path that calls .item() is caught."""
-    with host_syncs_forbidden(DEVICE), pytest.raises(AssertionError, match=r"Tensor\.item"):
-        torch.ones(2, device=DEVICE).sum().item()
+class GuardedRegion:
+    """host_syncs_forbidden entered and left at points no ``with`` block can wrap (inside a method, in hooks)."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self._stack: contextlib.ExitStack | None = None
+
+    def enter(self) -> None:
+        self.exit()
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(host_syncs_forbidden(DEVICE))
+        self.entered += 1
+
+    def exit(self) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+
+def test_gradient_penalty_step_never_syncs(backend, static_rows):
+    """The finite-difference penalty's own part, guarded: from dL/de (the clean pass's backward to the
+    embedding output, the model's) to the adversarial forward (the model's), where fastadv checks dL/de
+    for NaN/Inf and scales it into the delta; and the adversarial lookup, whose hook adds the delta."""
+    model = tiny_bert()
+    ids, labels = batches(1)[0]
+    gp = GradientPenalty(model, mode="finite_difference")
+    region = GuardedRegion()
+    lookups: list[torch.Tensor] = []
+    passes = 0
+    dl_de = gp._output_gradients  # the one seam between the model's backward and fastadv's own part
+
+    def dl_de_then_guard(loss: torch.Tensor, create_graph: bool) -> list:
+        grads = dl_de(loss, create_graph)
+        region.enter()
+        return grads
+
+    def closure() -> torch.Tensor:
+        nonlocal passes
+        passes += 1
+        region.exit()  # the model's own forward may sync
+        return bert_loss(model, ids, labels)
+
+    def before_lookup(module: nn.Module, args: tuple) -> None:
+        if passes == 2:
+            region.enter()
+
+    def after_lookup(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # runs after fastadv's hook
+        lookups.append(output.detach().clone())
+        region.exit()
+
+    gp._output_gradients = dl_de_then_guard
+    emb = model.get_input_embeddings()
+    handles = [emb.register_forward_pre_hook(before_lookup), emb.register_forward_hook(after_lookup)]
+    try:
+        gp.step(closure)
+    finally:
+        region.exit()
+        for handle in handles:
+            handle.remove()
+    assert region.entered == 2, f"the guarded regions ran {region.entered} times, not 2: the check proved nothing"
+    clean, perturbed = lookups
+    assert not torch.equal(perturbed, clean), "the penalty changed nothing: the check would prove nothing"
+
+
+SYNCS = [pytest.param(lambda x: x.item(), AssertionError, r"Tensor\.item", id="item")]
+if DEVICE == "cuda":  # set_sync_debug_mode's part of the guard: a copy the patched methods do not see
+    SYNCS.append(
+        pytest.param(lambda x: x.to("cpu"), RuntimeError, "synchronizing CUDA operation", id="device-to-host-copy")
+    )
+
+
+@pytest.mark.parametrize("sync,error,message", SYNCS)
+def test_the_guard_catches_a_sync(sync, error, message):
+    """The guard itself: a path that calls .item() is caught; on CUDA, so is a copy to the host."""
+    x = torch.ones(2, device=DEVICE).sum()
+    with host_syncs_forbidden(DEVICE), pytest.raises(error, match=message):
+        sync(x)
