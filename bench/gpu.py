@@ -10,13 +10,13 @@
 Parts, in order (each timed and budgeted; a part that fails is recorded and the others still run; the
 exit code is 1 when any part failed; "needs CUDA" and "skipped" are not failures):
 
-    sync     attack and restore under a guard that makes any host sync raise (on CUDA also
-             torch.cuda.set_sync_debug_mode("error")): FGM weight mode, output mode with shared rows and
-             per position; PGD first and later attack; the gradient penalty's own part. Each case also
-             checks that the attack changed something and that restore put the weights back bit for bit.
-    graph    FGM's clean pass, attack, adversarial pass and restore captured in a torch.cuda.CUDAGraph,
-             replayed on a new batch, compared with the same step run eagerly. Needs CUDA; on a CPU the
-             same comparison runs eagerly, so that it cannot rot.
+    sync     tests/test_sync_free.py: attack and restore under a guard that makes any host sync raise (on
+             CUDA also torch.cuda.set_sync_debug_mode("error")): FGM weight mode, output mode with shared
+             rows and per position; PGD first and later attack; the gradient penalty's own part. Each case
+             also checks that the attack changed something and that restore put the weights back bit for bit.
+    graph    tests/test_cuda_graphs.py: FGM's clean pass, attack, adversarial pass and restore captured in a
+             torch.cuda.CUDAGraph, replayed on a new batch, compared with the same step run eagerly. Needs
+             CUDA; on a CPU the same comparison runs eagerly, so that it cannot rot.
     attack   attack+restore time and extra memory, the copied snippet vs fastadv.FGM, bf16 tables.
     step     a whole training step of a Llama-shaped model (plain, snippet FGM, fastadv FGM, AdamW, bf16):
              time relative to the plain step and peak memory; configurations that cannot fit are skipped.
@@ -29,12 +29,13 @@ exit code is 1 when any part failed; "needs CUDA" and "skipped" are not failures
     segment  the segment sum with skewed ids (one id at half of the positions, as padding is) vs uniform.
     tests    the test suite (python -m pytest -q) in a subprocess with a timeout, its output in
              gpu_tests.log; conftest picks CUDA and adds the bf16/fp16 kernel cases. Last, so that a run
-             cut short has saved every measurement. --quick runs tests/test_sync_free.py only (CI runs
+             cut short has saved every measurement. --quick runs tests/ops/test_launch.py only (CI runs
              the suite), so that this runner cannot rot.
 
 Results: gpu_attack.csv, gpu_step.csv, gpu_step_cost.csv, gpu_kernels.csv (appended, with device, versions, commit and
-date), gpu_<device type>.png, gpu_tests.log and gpu_run.log (this output) under --out. A compact
-summary table is printed last.
+date), gpu_<device type>.png, gpu_sync.log, gpu_graph.log, gpu_tests.log (pytest's output) and gpu_run.log
+(this output) under --out. A compact summary table is printed last. The parts live in bench/gpu_parts/
+(one module per kind: checks, attack, step, compare, kernels, plot; run.py holds the sizes).
 """
 
 from __future__ import annotations

@@ -24,7 +24,6 @@ class Sizes:
     attack_repeats: int  # timed attack+restore pairs per median
     tests: tuple[str, ...]  # pytest's arguments
     tests_timeout_s: int
-    small: tuple[int, int, int, int]  # SmallLM for the sync and graph parts: vocab, dim, batch, seq
     attack_vocabs: tuple[int, ...]
     attack_dim: int
     attack_batch: tuple[int, int]  # batch, seq: B*T random ids
@@ -43,7 +42,6 @@ FULL = Sizes(
     attack_repeats=20,
     tests=(),
     tests_timeout_s=540,
-    small=(32000, 1024, 8, 256),
     attack_vocabs=(32000, 128000, 256000),
     attack_dim=4096,
     attack_batch=(8, 1024),
@@ -60,9 +58,8 @@ FULL = Sizes(
 QUICK = Sizes(
     repeats=1,
     attack_repeats=2,
-    tests=("tests/test_sync_free.py",),
+    tests=("tests/ops/test_launch.py",),
     tests_timeout_s=300,
-    small=(211, 60, 4, 13),
     attack_vocabs=(1000, 4000),
     attack_dim=60,
     attack_batch=(4, 64),
