@@ -131,6 +131,7 @@ def help_text(argv: tuple[str, ...]) -> str:
         assert done.returncode == 0, f"pytest --help exited {done.returncode}:\n{done.stderr[-2000:]}"
         return done.stdout
     saved_argv, saved_path, saved_environ, saved_modules = sys.argv, sys.path[:], dict(os.environ), set(sys.modules)
+    shadowed: dict[str, object] = {}
     sys.argv = [argv[-1], "--help"]
     output, code = io.StringIO(), None
     try:
@@ -138,7 +139,11 @@ def help_text(argv: tuple[str, ...]) -> str:
             if argv[0] == "-m":  # torchrun's main returns after its help (its @record takes the exit)
                 runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
             else:
-                sys.path.insert(0, str((ROOT / argv[0]).parent))
+                folder = (ROOT / argv[0]).parent
+                # A module of that name another folder already loaded (bench/common.py, on the tests' path)
+                # steps aside while the script runs, so the script imports its own sibling, as `python` would.
+                shadowed = {n: sys.modules.pop(n) for n in list(sys.modules) if (folder / f"{n}.py").exists()}
+                sys.path.insert(0, str(folder))
                 runpy.run_path(str(ROOT / argv[0]), run_name="__main__")
     except SystemExit as exited:
         code = exited.code
@@ -151,6 +156,7 @@ def help_text(argv: tuple[str, ...]) -> str:
         for name in set(sys.modules) - saved_modules:
             if Path(getattr(sys.modules[name], "__file__", None) or "/").parent in SCRIPT_FOLDERS:
                 del sys.modules[name]
+        sys.modules.update(shadowed)
     assert code in (0, None) and "usage:" in output.getvalue(), f"{' '.join(argv)} --help exited {code}"
     return output.getvalue()
 
