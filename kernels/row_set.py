@@ -1,4 +1,5 @@
-"""The opening every row kernel shares, written once: which slots a program handles, and which columns.
+"""The opening every row kernel shares, written once: which slots a program handles, which columns, and
+where those rows lie in each buffer.
 
 Inlined by Triton into each kernel (plain ``@triton.jit`` functions), so a kernel compiles to the
 same code as with these lines written out in it. The kernel side of ``fastadv/ops/row_set.py``.
@@ -31,6 +32,13 @@ def slot_rows(rows_ptr, o_n, m_n):
 
 
 @triton.jit
+def program_slot_rows(rows_ptr, first_ptr, N, HAS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's (axis 0) slots and the row each names: (o_n, m_n, b_row), program_slots then slot_rows."""
+    o_n, m_n = program_slots(tl.program_id(0), first_ptr, N, HAS_FIRST, BLOCK_N)
+    return o_n, m_n, slot_rows(rows_ptr, o_n, m_n)
+
+
+@triton.jit
 def column_block(d0, D, m_n, BLOCK_D: tl.constexpr):
     """Columns [d0, d0 + BLOCK_D): (o_d64, m), the int64 offsets [1, BLOCK_D] and the tile mask
     [BLOCK_N, BLOCK_D] of working slots and columns below D."""
@@ -42,3 +50,10 @@ def column_block(d0, D, m_n, BLOCK_D: tl.constexpr):
 def slot_major(ptr, o_n, D, o_d64):
     """Pointers [BLOCK_N, BLOCK_D] into ``ptr``, a contiguous [N, D] buffer of one row per slot (backup, r)."""
     return ptr + o_n[:, None].to(tl.int64) * D + o_d64
+
+
+@triton.jit
+def strided_rows(ptr, b_row, stride_row, stride_col, o_d64):
+    """Pointers [BLOCK_N, BLOCK_D] into ``ptr``, a table of any layout (weight [V, D], gradient [R, D]) with
+    strides (stride_row, stride_col), at the int64 rows ``b_row`` [BLOCK_N]: slot_major's counterpart."""
+    return ptr + b_row[:, None] * stride_row + o_d64 * stride_col

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .row_set import column_block, program_slots, slot_major, slot_rows
+from .row_set import column_block, program_slot_rows, slot_major, slot_rows, strided_rows
 
 
 @triton.jit
@@ -28,18 +28,16 @@ def rows_backup_add_kernel(
     BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
     BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
-    i_n = tl.program_id(0)
-    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
-    b_w_row = slot_rows(w_rows_ptr, o_n, m_n)
+    o_n, m_n, b_w_row = program_slot_rows(w_rows_ptr, first_ptr, N, HAS_FIRST, BLOCK_N)
     b_g_row = slot_rows(g_rows_ptr, o_n, m_n)
     b_ok = tl.load(ok_ptr) != 0
     b_norm = tl.where(b_ok, tl.load(norm_ptr), 1.0)  # a skipped step never divides by 0 or Inf
     for d0 in range(0, D, BLOCK_D):
         o_d64, m = column_block(d0, D, m_n, BLOCK_D)
-        p_w = w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col
+        p_w = strided_rows(w_ptr, b_w_row, stride_w_row, stride_w_col, o_d64)
         b_w = tl.load(p_w, mask=m, other=0.0)
         tl.store(slot_major(backup_ptr, o_n, D, o_d64), b_w, mask=m)
-        b_g = tl.load(g_ptr + b_g_row[:, None] * stride_g_row + o_d64 * stride_g_col, mask=m, other=0.0)
+        b_g = tl.load(strided_rows(g_ptr, b_g_row, stride_g_row, stride_g_col, o_d64), mask=m, other=0.0)
         b_g = b_g.to(tl.float32)
         if SIGN:
             b_delta = epsilon * tl.where(b_g > 0, 1.0, tl.where(b_g < 0, -1.0, 0.0))

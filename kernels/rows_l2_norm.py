@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .row_set import column_block, program_slots, slot_rows
+from .row_set import column_block, program_slot_rows, strided_rows
 
 
 @triton.jit
@@ -20,13 +20,11 @@ def rows_sum_of_squares_kernel(
     BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
     BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
-    i_n = tl.program_id(0)
-    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
-    b_row = slot_rows(g_rows_ptr, o_n, m_n)
+    _, m_n, b_row = program_slot_rows(g_rows_ptr, first_ptr, N, HAS_FIRST, BLOCK_N)
     b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         o_d64, m = column_block(d0, D, m_n, BLOCK_D)
-        p_g = g_ptr + b_row[:, None] * stride_g_row + o_d64 * stride_g_col
+        p_g = strided_rows(g_ptr, b_row, stride_g_row, stride_g_col, o_d64)
         b_g = tl.load(p_g, mask=m, other=0.0).to(tl.float32)
         b_acc += b_g * b_g
-    tl.store(partial_ptr + i_n, tl.sum(b_acc))
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(b_acc))

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .row_set import column_block, program_slots, slot_major, slot_rows, working_slots
+from .row_set import column_block, program_slot_rows, slot_major, slot_rows, strided_rows, working_slots
 
 
 @triton.jit
@@ -33,30 +33,28 @@ def rows_pgd_ascent_kernel(
     # First half of a PGD step: r = (w + alpha * g / ||g||) - backup, rounded to the weight dtype
     # at each operation as the snippet's in-place add and subtraction are. The weight is written
     # by rows_pgd_project_kernel, once ||r|| is known.
-    i_n = tl.program_id(0)
-    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
-    b_w_row = slot_rows(w_rows_ptr, o_n, m_n)
+    o_n, m_n, b_w_row = program_slot_rows(w_rows_ptr, first_ptr, N, HAS_FIRST, BLOCK_N)
     b_g_row = slot_rows(g_rows_ptr, o_n, m_n)
     b_ok = tl.load(ok_ptr) != 0
     b_norm = tl.where(b_ok, tl.load(norm_ptr), 1.0)
     b_acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         o_d64, m = column_block(d0, D, m_n, BLOCK_D)
-        b_w = tl.load(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, mask=m, other=0.0)
+        b_w = tl.load(strided_rows(w_ptr, b_w_row, stride_w_row, stride_w_col, o_d64), mask=m, other=0.0)
         p_backup = slot_major(backup_ptr, o_n, D, o_d64)
         if SAVE_BACKUP:
             tl.store(p_backup, b_w, mask=m)
             b_backup = b_w
         else:
             b_backup = tl.load(p_backup, mask=m, other=0.0)
-        b_g = tl.load(g_ptr + b_g_row[:, None] * stride_g_row + o_d64 * stride_g_col, mask=m, other=0.0)
+        b_g = tl.load(strided_rows(g_ptr, b_g_row, stride_g_row, stride_g_col, o_d64), mask=m, other=0.0)
         b_new = (b_w.to(tl.float32) + (alpha * b_g.to(tl.float32)) / b_norm).to(b_w.dtype)
         b_r = (b_new.to(tl.float32) - b_backup.to(tl.float32)).to(b_w.dtype)
         b_r = tl.where(b_ok, b_r, 0.0).to(b_w.dtype)
         tl.store(slot_major(r_ptr, o_n, D, o_d64), b_r, mask=m)
         b_r32 = b_r.to(tl.float32)
         b_acc += b_r32 * b_r32
-    tl.store(partial_ptr + i_n, tl.sum(b_acc))
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(b_acc))
 
 
 @triton.jit
@@ -89,10 +87,11 @@ def rows_pgd_project_kernel(
     b_divisor = tl.where(b_outside, b_r_norm, 1.0)
     for d0 in range(0, D, BLOCK_D):
         o_d64, m = column_block(d0, D, m_n, BLOCK_D)
+        # One slot-major offset for both buffers: two slot_major calls compile to more registers.
         o_slot = o_n[:, None].to(tl.int64) * D + o_d64
         b_backup = tl.load(backup_ptr + o_slot, mask=m, other=0.0)
         b_r = tl.load(r_ptr + o_slot, mask=m, other=0.0)
         # Same order as the snippet's `epsilon * r / torch.norm(r)`, rounded to the weight dtype.
         b_scaled = tl.where(b_outside, ((epsilon * b_r.to(tl.float32)) / b_divisor).to(b_r.dtype), b_r)
         b_new = (b_backup.to(tl.float32) + b_scaled.to(tl.float32)).to(b_backup.dtype)
-        tl.store(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, b_new, mask=m)
+        tl.store(strided_rows(w_ptr, b_w_row, stride_w_row, stride_w_col, o_d64), b_new, mask=m)

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .row_set import column_block, program_slots, slot_major, slot_rows
+from .row_set import column_block, program_slot_rows, slot_major, strided_rows
 
 
 @triton.jit
@@ -20,10 +20,8 @@ def rows_restore_kernel(
     BLOCK_N: tl.constexpr,  # slots per program (fastadv.ops.launch.row_launch_options)
     BLOCK_D: tl.constexpr,  # columns per iteration, a power of two
 ):
-    i_n = tl.program_id(0)
-    o_n, m_n = program_slots(i_n, first_ptr, N, HAS_FIRST, BLOCK_N)
-    b_w_row = slot_rows(w_rows_ptr, o_n, m_n)
+    o_n, m_n, b_w_row = program_slot_rows(w_rows_ptr, first_ptr, N, HAS_FIRST, BLOCK_N)
     for d0 in range(0, D, BLOCK_D):
         o_d64, m = column_block(d0, D, m_n, BLOCK_D)
         b_backup = tl.load(slot_major(backup_ptr, o_n, D, o_d64), mask=m, other=0.0)
-        tl.store(w_ptr + b_w_row[:, None] * stride_w_row + o_d64 * stride_w_col, b_backup, mask=m)
+        tl.store(strided_rows(w_ptr, b_w_row, stride_w_row, stride_w_col, o_d64), b_backup, mask=m)

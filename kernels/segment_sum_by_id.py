@@ -3,6 +3,8 @@
 import triton
 import triton.language as tl
 
+from .row_set import strided_rows
+
 
 @triton.jit
 def segment_sum_kernel(
@@ -31,6 +33,6 @@ def segment_sum_kernel(
         o_j = j0 + tl.arange(0, BLOCK_N)
         m_j = o_j < b_end
         b_pos = tl.load(order_ptr + o_j, mask=m_j, other=0).to(tl.int64)
-        p_v = values_ptr + b_pos[:, None] * stride_v_row + o_d64[None, :] * stride_v_col
+        p_v = strided_rows(values_ptr, b_pos, stride_v_row, stride_v_col, o_d64[None, :])
         b_acc += tl.load(p_v, mask=m_j[:, None] & m_d[None, :], other=0.0).to(tl.float32)
     tl.store(out_ptr + i_k.to(tl.int64) * D + o_d64, tl.sum(b_acc, axis=0), mask=m_d)
