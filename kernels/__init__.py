@@ -16,6 +16,13 @@ compiled (CUDA) or interpreted on CPU tensors (``TRITON_INTERPRET=1``). fastadv 
 from ``fastadv.ops.backend``, the first time the Triton backend is chosen.
 """
 
+if __name__ == "kernels":  # this folder reached as a top-level package, e.g. from a shell in the repository
+    raise ImportError(
+        "imported the source folder kernels/ of fastadv as the top-level package `kernels` (its folder is on "
+        f"sys.path: {__file__}). It installs as fastadv.kernels and is not Hugging Face's `kernels` package, "
+        "which transformers imports: run Python from another directory, or with `python -P` (3.11+)."
+    )
+
 from .rows_backup_add import rows_backup_add_kernel
 from .rows_l2_norm import rows_sum_of_squares_kernel
 from .rows_pgd_step import rows_pgd_ascent_kernel, rows_pgd_project_kernel

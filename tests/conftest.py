@@ -8,9 +8,17 @@ GPU the same tests run the compiled kernels on CUDA tensors, half precision incl
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
-import torch
+# `python -m pytest` puts the working directory, the repository's root, first on sys.path; there the
+# source folder kernels/ (installed as fastadv.kernels) would stand in for Hugging Face's `kernels`
+# package, which transformers >= 5.25 imports. The tests import fastadv as installed, never from there.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+
+import torch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
