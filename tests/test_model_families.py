@@ -75,60 +75,46 @@ def one_thread() -> Iterator[None]:
 # ---------------------------------------------------------------- the families
 
 
-def _bert() -> nn.Module:
-    return transformers.BertForSequenceClassification(transformers.BertConfig(**ENCODER, pad_token_id=0))
+def _from_config(model: str, config: str, **settings: object) -> Callable[[], nn.Module]:
+    """A builder of ``transformers.<model>(transformers.<config>(**settings))``, imported when built."""
+    return lambda: getattr(transformers, model)(getattr(transformers, config)(**settings))
 
 
-def _roberta() -> nn.Module:
-    return transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**ENCODER, pad_token_id=1))
-
-
-def _xlm_roberta() -> nn.Module:
-    config = transformers.XLMRobertaConfig(**ENCODER, pad_token_id=1)
-    return transformers.XLMRobertaForSequenceClassification(config)
-
-
-def _albert() -> nn.Module:
-    config = transformers.AlbertConfig(**ENCODER, embedding_size=20, classifier_dropout_prob=0.0, pad_token_id=0)
-    return transformers.AlbertForSequenceClassification(config)
-
-
-def _deberta_v2() -> nn.Module:
-    config = transformers.DebertaV2Config(**ENCODER, pad_token_id=0)
-    return transformers.DebertaV2ForSequenceClassification(config)
-
-
-def _electra() -> nn.Module:
-    config = transformers.ElectraConfig(**ENCODER, embedding_size=20, pad_token_id=0)
-    return transformers.ElectraForSequenceClassification(config)
-
-
-def _distilbert() -> nn.Module:
-    config = transformers.DistilBertConfig(
-        vocab_size=VOCAB, dim=36, n_layers=2, n_heads=4, hidden_dim=40, max_position_embeddings=64, dropout=0.0,
-        attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=3, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.DistilBertForSequenceClassification(config)
+_bert = _from_config("BertForSequenceClassification", "BertConfig", **ENCODER, pad_token_id=0)
+_roberta = _from_config("RobertaForSequenceClassification", "RobertaConfig", **ENCODER, pad_token_id=1)
+_xlm_roberta = _from_config("XLMRobertaForSequenceClassification", "XLMRobertaConfig", **ENCODER, pad_token_id=1)
+_albert = _from_config(
+    "AlbertForSequenceClassification", "AlbertConfig", **ENCODER, embedding_size=20, classifier_dropout_prob=0.0,
+    pad_token_id=0,
+)  # fmt: skip
+_deberta_v2 = _from_config("DebertaV2ForSequenceClassification", "DebertaV2Config", **ENCODER, pad_token_id=0)
+_electra = _from_config(
+    "ElectraForSequenceClassification", "ElectraConfig", **ENCODER, embedding_size=20, pad_token_id=0
+)
+_distilbert = _from_config(
+    "DistilBertForSequenceClassification", "DistilBertConfig", vocab_size=VOCAB, dim=36, n_layers=2, n_heads=4,
+    hidden_dim=40, max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0,
+    num_labels=3, pad_token_id=0,
+)  # fmt: skip
+_gpt2 = _from_config(
+    "GPT2LMHeadModel", "GPT2Config", vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)  # fmt: skip
+_qwen2 = _from_config("Qwen2ForCausalLM", "Qwen2Config", **DECODER, tie_word_embeddings=False)
+_mistral = _from_config("MistralForCausalLM", "MistralConfig", **DECODER)
+_bart = _from_config("BartForConditionalGeneration", "BartConfig", **SEQ2SEQ, scale_embedding=True, pad_token_id=1)
+_mbart = _from_config("MBartForConditionalGeneration", "MBartConfig", **SEQ2SEQ, pad_token_id=1)
+_pegasus = _from_config("PegasusForConditionalGeneration", "PegasusConfig", **SEQ2SEQ, pad_token_id=0)
+_marian = _from_config(
+    "MarianMTModel", "MarianConfig", **SEQ2SEQ, pad_token_id=VOCAB - 1, decoder_start_token_id=VOCAB - 1
+)
+_gemma = _from_config("GemmaForCausalLM", "GemmaConfig", **DECODER, head_dim=8)
+_gemma2 = _from_config("Gemma2ForCausalLM", "Gemma2Config", **DECODER, head_dim=8)
+_gemma3 = _from_config("Gemma3ForCausalLM", "Gemma3TextConfig", **DECODER, head_dim=8)
 
 
 def _llama(tied: bool = False) -> nn.Module:
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**DECODER, tie_word_embeddings=tied))
-
-
-def _qwen2() -> nn.Module:
-    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**DECODER, tie_word_embeddings=False))
-
-
-def _mistral() -> nn.Module:
-    return transformers.MistralForCausalLM(transformers.MistralConfig(**DECODER))
-
-
-def _gpt2() -> nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return transformers.GPT2LMHeadModel(config)
 
 
 def _lora_llama(modules_to_save: list[str] | None = None) -> nn.Module:
@@ -155,36 +141,6 @@ def _t5(own_head: bool = False) -> nn.Module:
     if own_head:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     return model
-
-
-def _bart() -> nn.Module:
-    config = transformers.BartConfig(**SEQ2SEQ, scale_embedding=True, pad_token_id=1)
-    return transformers.BartForConditionalGeneration(config)
-
-
-def _mbart() -> nn.Module:
-    return transformers.MBartForConditionalGeneration(transformers.MBartConfig(**SEQ2SEQ, pad_token_id=1))
-
-
-def _pegasus() -> nn.Module:
-    return transformers.PegasusForConditionalGeneration(transformers.PegasusConfig(**SEQ2SEQ, pad_token_id=0))
-
-
-def _marian() -> nn.Module:
-    config = transformers.MarianConfig(**SEQ2SEQ, pad_token_id=VOCAB - 1, decoder_start_token_id=VOCAB - 1)
-    return transformers.MarianMTModel(config)
-
-
-def _gemma() -> nn.Module:
-    return transformers.GemmaForCausalLM(transformers.GemmaConfig(**DECODER, head_dim=8))
-
-
-def _gemma2() -> nn.Module:
-    return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**DECODER, head_dim=8))
-
-
-def _gemma3() -> nn.Module:
-    return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**DECODER, head_dim=8))
 
 
 @dataclass(frozen=True)
