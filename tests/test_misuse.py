@@ -98,12 +98,16 @@ def test_embedding_frozen_after_construction():
         fgm.attack()
 
 
-def test_second_attack_is_refused_and_weights_stay_intact(backend):
+def bert_after_a_backward() -> tuple[torch.nn.Module, FGM, dict[str, torch.Tensor]]:
+    """A tiny BERT after one clean backward, its FGM (built before it), and a snapshot of its clean weights."""
     model = tiny_bert()
     fgm = FGM(model)
-    ids, labels = batches(1)[0]
-    bert_loss(model, ids, labels).backward()
-    clean = snapshot(model)
+    bert_loss(model, *batches(1)[0]).backward()
+    return model, fgm, snapshot(model)
+
+
+def test_second_attack_is_refused_and_weights_stay_intact(backend):
+    model, fgm, clean = bert_after_a_backward()
     fgm.attack()
     perturbed = snapshot(model)
     with pytest.raises(AttackStateError, match="called again before restore"):
@@ -120,10 +124,7 @@ def test_restore_without_attack():
 
 
 def test_restore_naming_other_parameters_keeps_the_backup():
-    model = tiny_bert()
-    fgm = FGM(model)
-    bert_loss(model, *batches(1)[0]).backward()
-    clean = snapshot(model)
+    model, fgm, clean = bert_after_a_backward()
     fgm.attack(1.0, "word_embeddings")
     with pytest.raises(EmbeddingNotFoundError, match="other parameters than attack"):
         fgm.restore("position_embeddings")
@@ -176,11 +177,7 @@ def test_zero_gradient_leaves_weights_and_is_not_a_skip(backend):
 
 
 def test_exception_inside_perturbed_still_restores(backend):
-    model = tiny_bert()
-    fgm = FGM(model)
-    ids, labels = batches(1)[0]
-    bert_loss(model, ids, labels).backward()
-    clean = snapshot(model)
+    model, fgm, clean = bert_after_a_backward()
     with pytest.raises(ZeroDivisionError):
         with fgm.perturbed():
             assert not torch.equal(model.get_input_embeddings().weight, clean["bert.embeddings.word_embeddings.weight"])
