@@ -10,6 +10,7 @@ import gc
 import os
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,13 @@ from pathlib import Path
 
 import torch
 from measure import device_description, environment, median_seconds
+
+# `python -m pytest bench/test_bench_*.py` puts the working directory, the repository's root, first on
+# sys.path; there the source folder kernels/ (installed as fastadv.kernels) would stand in for Hugging
+# Face's `kernels` package, which transformers >= 5.25 imports. (tests/conftest.py does the same for the
+# suite; bench/ has no conftest of its own, as a second `conftest` module would clash with the tests'.)
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The columns every result row starts with (provenance()).
