@@ -54,8 +54,8 @@ from ..methods import FGM, PGD, Adversary, FreeLB, GradientPenalty
 _ADVERSARIES = (FGM, PGD, FreeLB, GradientPenalty)
 
 
-class AdversarialTrainer(Trainer):
-    """A ``transformers.Trainer`` whose training step runs a fastadv adversary's passes.
+class AdversarialTrainingMixin:
+    """What makes a ``transformers.Trainer`` run a fastadv adversary's passes in its training step.
 
     Args:
         adversary: a fastadv method (FGM, PGD, FreeLB or GradientPenalty) built on the model this
@@ -177,3 +177,13 @@ class AdversarialTrainer(Trainer):
             f"trains (a {type(self.model).__name__}): its hooks would never see the Trainer's forward passes. Build "
             "it on the object passed as model=, e.g. AdversarialTrainer(adversary=FGM(model), model=model, ...)." + hint
         )
+
+
+class AdversarialTrainer(AdversarialTrainingMixin, Trainer):
+    """A ``transformers.Trainer`` whose training step runs a fastadv adversary's passes.
+
+    Args:
+        adversary: a fastadv method (FGM, PGD, FreeLB or GradientPenalty) built on the model this
+            Trainer trains (the object passed as ``model=``).
+        *args, **kwargs: ``transformers.Trainer``'s arguments, unchanged.
+    """
