@@ -52,6 +52,19 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread (on a CPU shared with other jobs, each multithreaded small op
+    waits for the busy core: 10 to 100x slower here). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def static_rows() -> Iterator[None]:
     """Row sets and segment sums take their CUDA form on any device: static shapes (sorted ids,
