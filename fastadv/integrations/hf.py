@@ -12,37 +12,45 @@ Usage::
 Build the adversary on the object passed as ``model=``, before training: it hooks that model's
 embedding. Any fastadv method works (FGM, PGD, FreeLB, GradientPenalty).
 
-What one step does. Trainer calls ``training_step`` once per micro-batch; this one does what
-``Trainer.training_step`` does (``model.train()``, the inputs prepared, the loss from
-``self.compute_loss(model, inputs, num_items_in_batch=...)``, divided by the number of
-accumulation steps when Trainer divides it, averaged over ``DataParallel`` GPUs), except that the
-forward and backward passes run inside ``adversary.step(closure, backward=...)``:
+With another Trainer class (TRL's ``SFTTrainer``, ``Seq2SeqTrainer``, ...)::
 
-- ``closure`` recomputes ``compute_loss`` on the same inputs (an FGM step calls it twice, PGD
-  K + 1 times, FreeLB K times, GradientPenalty twice);
-- ``backward`` applies Trainer's scaling and calls ``self.accelerator.backward``, for every pass
-  that reaches the parameters: fp16's GradScaler, DDP and gradient accumulation see each pass as
-  they see Trainer's single one. fastadv's methods already handle accumulated gradients.
+    from trl import SFTTrainer
+    from fastadv.integrations.hf import adversarial_trainer
+
+    trainer = adversarial_trainer(SFTTrainer)(adversary=FGM(model), model=model, args=sft_config, ...)
+
+or write the class: ``class AdversarialSFTTrainer(AdversarialTrainingMixin, SFTTrainer)``.
+
+What one step does. Trainer calls ``training_step`` once per micro-batch; the Trainer class's own
+``training_step`` runs (``model.train()``, the inputs prepared, the subclass's contexts), and its one
+``compute_loss`` call runs the adversary's passes, ``adversary.step(closure, backward=...)``:
+
+- ``closure`` recomputes ``self.compute_loss(model, inputs, num_items_in_batch=...)`` on the same inputs
+  (an FGM step calls it twice, PGD K + 1 times, FreeLB K times, GradientPenalty twice);
+- ``backward`` divides by the number of accumulation steps when Trainer divides, averages over
+  ``DataParallel`` GPUs and calls ``self.accelerator.backward``, for every pass that reaches the
+  parameters: fp16's GradScaler, DDP and gradient accumulation see each pass as they see Trainer's
+  single one. fastadv's methods already handle accumulated gradients.
 - FreeLB gets the batch's ``attention_mask`` for its random start.
 
 The optimizer step, clipping, scheduler, logging and saving stay Trainer's. The loss returned
 (and logged) is the adversary's (the clean loss; FreeLB: the mean adversarial loss), scaled as
 Trainer scales its own.
 
-It mirrors ``Trainer.training_step`` of transformers 5 (tested with 5.23). Refused with an error:
-DeepSpeed (accelerate steps the optimizer inside ``backward`` at the accumulation boundary, so the
-weights would change between the clean and the adversarial pass), LOMO/AdaLomo (they update the
-weights inside ``backward`` too) and SageMaker model parallelism.
+Tested with transformers 5.25 and TRL 1.16. Refused with an error: DeepSpeed (accelerate steps the
+optimizer inside ``backward`` at the accumulation boundary, so the weights would change between the
+clean and the adversarial pass), LOMO/AdaLomo (they update the weights inside ``backward`` too) and
+SageMaker model parallelism.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
-from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import unwrap_peft_model
@@ -55,38 +63,79 @@ _ADVERSARIES = (FGM, PGD, FreeLB, GradientPenalty)
 
 
 class AdversarialTrainingMixin:
-    """What makes a ``transformers.Trainer`` run a fastadv adversary's passes in its training step.
+    """What makes a ``transformers.Trainer`` (or a subclass of it) run a fastadv adversary's passes.
+
+    Put it first among the bases, before the Trainer class it extends (``adversarial_trainer(cls)`` does that
+    for you)::
+
+        class AdversarialSFTTrainer(AdversarialTrainingMixin, SFTTrainer): ...
 
     Args:
         adversary: a fastadv method (FGM, PGD, FreeLB or GradientPenalty) built on the model this
             Trainer trains (the object passed as ``model=``).
-        *args, **kwargs: ``transformers.Trainer``'s arguments, unchanged.
+        *args, **kwargs: the Trainer class's arguments, unchanged.
 
-    Each micro-batch's inputs (a dict of B x T tensors, labels included) go to ``adversary.step``
-    through a closure that calls ``compute_loss``; override ``compute_loss`` as with Trainer.
+    How it composes. The Trainer class's own ``training_step`` runs, with whatever it wraps around
+    ``Trainer.training_step`` (TRL's SFTTrainer: its activation-offload context). ``Trainer.training_step``
+    makes one forward, ``self.compute_loss``, and one backward, ``self.accelerator.backward``. This mixin
+    intercepts both: that ``compute_loss`` call reaches the mixin's, which runs every pass of
+    ``adversary.step`` there (each pass calling ``self.compute_loss`` again: the subclass's loss, with any
+    override above the mixin, and backpropagated as Trainer would), and the backward Trainer then asks for
+    is skipped (the passes ran theirs). Intercepting those two calls, rather than rewriting
+    ``training_step``, keeps every subclass's step context around the passes and leaves the rest of
+    Trainer's step (inputs, accumulation scaling of the logged loss) Trainer's own.
+
+    A subclass that counts steps inside ``compute_loss`` (TRL: ``num_tokens``, ``mean_token_accuracy``,
+    ``entropy``) would count each adversarial pass too. The attributes named in ``clean_pass_only_state``
+    are put back, after every pass but the first, to what the first (clean) pass left.
+
+    An override of ``compute_loss`` above the mixin must call ``super().compute_loss`` (checked: the step
+    raises otherwise).
     """
 
+    clean_pass_only_state: tuple[str, ...] = ("_metrics", "_total_train_tokens")
+    """Attributes that ``compute_loss`` updates to count a micro-batch (TRL's SFTTrainer: its logged metrics and
+    token count); only the clean pass's updates are kept."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(AdversarialTrainingMixin):
+            # Trainer's step would run first and never reach the mixin; the Trainer class's __init__ would also
+            # refuse adversary=.
+            raise TypeError(
+                f"{cls.__name__}: put AdversarialTrainingMixin before the Trainer class among the bases, e.g. "
+                "class X(AdversarialTrainingMixin, SFTTrainer), or use adversarial_trainer(SFTTrainer)."
+            )
+
     def __init__(self, *args: Any, adversary: Adversary | None = None, **kwargs: Any) -> None:
+        name = type(self).__name__
+        if not isinstance(self, Trainer):
+            raise TypeError(
+                f"{name} uses AdversarialTrainingMixin without transformers.Trainer among its bases: combine it "
+                "with a Trainer class, e.g. adversarial_trainer(Trainer)."
+            )
         if adversary is None:
             raise TypeError(
-                "AdversarialTrainer needs adversary=: pass a fastadv method built on the model, e.g. "
-                "AdversarialTrainer(adversary=FGM(model), model=model, args=args, ...). Without one, use "
-                "transformers.Trainer."
+                f"{name} needs adversary=: pass a fastadv method built on the model, e.g. "
+                f"{name}(adversary=FGM(model), model=model, args=args, ...). Without one, use the Trainer class "
+                "it extends."
             )
         if not isinstance(adversary, _ADVERSARIES):
             raise TypeError(
                 f"adversary must be a fastadv FGM, PGD, FreeLB or GradientPenalty, found {type(adversary).__name__}."
             )
         self.adversary = adversary
+        self._adversarial_step_pending = False
         super().__init__(*args, **kwargs)
         if is_sagemaker_mp_enabled():
             raise NotImplementedError(
-                "AdversarialTrainer does not support SageMaker model parallelism: its forward-backward runs as one "
+                f"{name} does not support SageMaker model parallelism: its forward-backward runs as one "
                 "call, with no room for the adversary's passes. Use transformers.Trainer there."
             )
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise NotImplementedError(
-                "AdversarialTrainer does not support DeepSpeed yet: accelerate runs DeepSpeed's optimizer step inside "
+                f"{name} does not support DeepSpeed yet: accelerate runs DeepSpeed's optimizer step inside "
                 "backward at the accumulation boundary, so the weights would change between the clean and the "
                 "adversarial pass. Use DDP or FSDP (accelerate config) instead."
             )
@@ -103,53 +152,87 @@ class AdversarialTrainingMixin:
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """The adversary's passes on one micro-batch; returns the loss detached, scaled as Trainer's.
+        """The adversary's passes on one micro-batch, inside the Trainer class's own step; returns its loss.
 
         Args:
             model: the model to run (Trainer's wrapped model, e.g. under DDP).
             inputs: the micro-batch, e.g. ``input_ids`` and ``attention_mask`` (B x T) and ``labels``.
             num_items_in_batch: passed to ``compute_loss`` as Trainer passes it.
+
+        Returns the loss detached, scaled as Trainer scales its own (the clean loss; FreeLB: the mean
+        adversarial loss).
         """
         self._check_adversary_model()
         bind = getattr(self.adversary, "bind_data_parallel", None)
         if bind is not None:  # Trainer wraps the model in DDP after the adversary was built on it
             bind(model)
-        cp_context, inputs = self._prepare_context_parallel_inputs(model, inputs)
-        with cp_context():
-            model.train()
-            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                self.optimizer.train()
-            inputs = self._prepare_inputs(inputs)
-            if (
-                self.args.torch_empty_cache_steps is not None
-                and self.state.global_step % self.args.torch_empty_cache_steps == 0
-            ):
-                clear_device_cache()
+        self._adversarial_step_pending = True
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self._adversarial_step_pending:
+                raise RuntimeError(
+                    f"{type(self).__name__}.training_step never reached AdversarialTrainingMixin.compute_loss, so "
+                    "the adversary did not run: a compute_loss override above the mixin must call "
+                    "super().compute_loss(...)."
+                )
+        finally:
+            self._adversarial_step_pending = False
+            self.accelerator.__dict__.pop("backward", None)  # the skip, if Trainer never called it
+        return loss
 
-            def closure() -> torch.Tensor:
-                # compute_loss pops "labels" from its dict with label smoothing or compute_loss_func: every pass
-                # gets its own shallow copy.
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, copy.copy(inputs), num_items_in_batch=num_items_in_batch)
-                if self.args.n_gpu > 1:
-                    loss = loss.mean()  # DataParallel returns one loss per GPU
-                return loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Inside ``training_step``: the adversary's passes (see the class); elsewhere the subclass's loss."""
+        if not self._adversarial_step_pending or return_outputs:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        self._adversarial_step_pending = False  # the passes' own compute_loss calls go straight to the subclass
+        passes = 0
+        clean_state: dict[str, Any] = {}
 
-            divide = not self._loss_is_scaled_for_ga(num_items_in_batch)
-            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        def closure() -> torch.Tensor:
+            nonlocal passes
+            # compute_loss pops "labels" from its dict with label smoothing or compute_loss_func: every pass
+            # gets its own shallow copy.
+            loss = self.compute_loss(model, copy.copy(inputs), num_items_in_batch=num_items_in_batch)
+            passes += 1
+            if passes == 1:
+                clean_state.update(
+                    (name, copy.deepcopy(getattr(self, name)))
+                    for name in self.clean_pass_only_state
+                    if hasattr(self, name)
+                )
+            else:
+                for name, value in clean_state.items():
+                    setattr(self, name, copy.deepcopy(value))
+            if self.args.n_gpu > 1:
+                loss = loss.mean()  # DataParallel returns one loss per GPU
+            return loss
 
-            def scaled(loss: torch.Tensor) -> torch.Tensor:
-                return loss / steps if divide else loss
+        divide = not self._loss_is_scaled_for_ga(num_items_in_batch)
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
-            def backward(loss: torch.Tensor) -> None:
-                self.accelerator.backward(scaled(loss))
+        def backward(loss: torch.Tensor) -> None:
+            self.accelerator.backward(loss / steps if divide else loss)
 
-            step_kwargs = {"attention_mask": inputs.get("attention_mask")} if isinstance(self.adversary, FreeLB) else {}
-            scaler = getattr(self.accelerator, "scaler", None)
-            if scaler is not None and isinstance(self.adversary, (PGD, GradientPenalty)):
-                step_kwargs["scaler"] = scaler  # their dL/de-only passes scale the loss too (fp16)
-            loss = self.adversary.step(closure, backward=backward, **step_kwargs)
-            return scaled(loss)
+        step_kwargs = {"attention_mask": inputs.get("attention_mask")} if isinstance(self.adversary, FreeLB) else {}
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and isinstance(self.adversary, (PGD, GradientPenalty)):
+            step_kwargs["scaler"] = scaler  # their dL/de-only passes scale the loss too (fp16)
+        loss = self.adversary.step(closure, backward=backward, **step_kwargs)
+
+        def skip_trainers_backward(loss: torch.Tensor, **kwargs: Any) -> None:
+            del self.accelerator.backward  # back to Accelerator.backward after this one call
+
+        # Trainer's next call is accelerator.backward on the loss returned here: every pass already ran its own.
+        self.accelerator.backward = skip_trainers_backward
+        return loss.detach()
 
     # ------------------------------------------------------------ internals
 
@@ -175,7 +258,8 @@ class AdversarialTrainingMixin:
         raise ValueError(
             f"the adversary was built on a {type(self.adversary.model).__name__} that is not the model this Trainer "
             f"trains (a {type(self.model).__name__}): its hooks would never see the Trainer's forward passes. Build "
-            "it on the object passed as model=, e.g. AdversarialTrainer(adversary=FGM(model), model=model, ...)." + hint
+            f"it on the object passed as model=, e.g. {type(self).__name__}(adversary=FGM(model), model=model, ...)."
+            + hint
         )
 
 
@@ -186,4 +270,41 @@ class AdversarialTrainer(AdversarialTrainingMixin, Trainer):
         adversary: a fastadv method (FGM, PGD, FreeLB or GradientPenalty) built on the model this
             Trainer trains (the object passed as ``model=``).
         *args, **kwargs: ``transformers.Trainer``'s arguments, unchanged.
+
+    Each micro-batch's inputs (a dict of B x T tensors, labels included) go to ``adversary.step``
+    through a closure that calls ``compute_loss``; override ``compute_loss`` as with Trainer (calling
+    ``super().compute_loss`` for the model's loss).
     """
+
+
+def adversarial_trainer(trainer_class: type[Trainer]) -> type[Trainer]:
+    """``trainer_class`` with ``AdversarialTrainingMixin`` in front: ``Adversarial<Name>``, one class per argument.
+
+    Args:
+        trainer_class: ``transformers.Trainer`` or a subclass of it (TRL's ``SFTTrainer``, ``Seq2SeqTrainer``).
+
+    Returns ``AdversarialTrainer`` for ``Trainer``, and the class itself if it already has the mixin.
+    """
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        found = trainer_class.__name__ if isinstance(trainer_class, type) else type(trainer_class).__name__
+        what = "the class" if isinstance(trainer_class, type) else "an instance of"
+        raise TypeError(f"adversarial_trainer takes transformers.Trainer or a subclass of it, found {what} {found}.")
+    if trainer_class is Trainer:
+        return AdversarialTrainer
+    if issubclass(trainer_class, AdversarialTrainingMixin):
+        return trainer_class
+    return _with_mixin(trainer_class)
+
+
+@functools.cache  # one class per Trainer class: isinstance checks and pickled references stay stable
+def _with_mixin(trainer_class: type[Trainer]) -> type[Trainer]:
+    name = f"Adversarial{trainer_class.__name__}"
+    return type(
+        name,
+        (AdversarialTrainingMixin, trainer_class),
+        {
+            "__module__": __name__,
+            "__qualname__": name,
+            "__doc__": f"{trainer_class.__name__} with AdversarialTrainingMixin.",
+        },
+    )
