@@ -12,6 +12,7 @@ from .errors import (
     FrozenEmbeddingError,
     MissingGradientError,
     ReentrantCheckpointError,
+    WeightRowsUnavailableError,
 )
 from .methods import FGM, PGD, FreeLB, GradientPenalty
 
@@ -30,5 +31,6 @@ __all__ = [
     "GradientPenalty",
     "MissingGradientError",
     "ReentrantCheckpointError",
+    "WeightRowsUnavailableError",
     "__version__",
 ]

@@ -7,6 +7,13 @@ gathered. Under FSDP2 (``fully_shard``) the table and its averaged gradient are 
 all-reduce of the sum of squares gives the global norm. A single-process run imports nothing
 here beyond what ``import torch`` loads, and pays one class-attribute read per lookup.
 
+A DeepSpeed engine (``deepspeed.initialize``'s, ZeRO stages 0-3) is a data-parallel wrapper too: its
+ranks average their gradients over its data-parallel group, but the gradient lives in ZeRO's buffers
+(``param.grad`` is None after backward), so fastadv perturbs the lookups' outputs there, and every pass of
+a step but the last runs as a non-boundary backward (:meth:`DataParallelBinding.accumulate_only`), so the
+engine reduces the gradients once. It is learnt from the model given or ``bind_data_parallel(engine)``,
+not from the forward pass. Nothing imports deepspeed.
+
 Which DDP wrapper a model runs under is learnt from the model given to fastadv (the wrapper or a
 model holding one), from ``bind_data_parallel``, or else from the forward pass itself: the
 embedding hooks call :func:`data_parallel_forward` on every lookup, so the order in which the
@@ -17,14 +24,16 @@ adversary and the wrapper are built does not matter (``FGM(model)`` then ``DDP(m
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel  # loaded by `import torch` already
 
-from .errors import FastAdvWarning
+from .errors import FastAdvError, FastAdvWarning
 
 # DDP sets this private class attribute (TorchDynamo's DDPOptimizer reads it) to itself around its
 # wrapped module's forward, `no_sync()` included: earlier releases reset it to None afterwards,
@@ -52,19 +61,39 @@ def data_parallel_forward() -> nn.Module | None:
     return getattr(DistributedDataParallel, _ACTIVE_DDP, None)
 
 
+def is_deepspeed_engine(module: object) -> bool:
+    """``module`` is a DeepSpeed engine (``deepspeed.initialize``'s); never imports deepspeed."""
+    deepspeed = sys.modules.get("deepspeed")
+    engine = getattr(deepspeed, "DeepSpeedEngine", None)
+    return engine is not None and isinstance(module, engine)
+
+
+def _is_wrapper(module: nn.Module) -> bool:
+    return isinstance(module, DistributedDataParallel) or is_deepspeed_engine(module)
+
+
 def data_parallel_wrapper(model: nn.Module) -> nn.Module | None:
-    """The DistributedDataParallel wrapper of ``model`` (it, or a submodule), or None."""
+    """The DistributedDataParallel wrapper or DeepSpeed engine of ``model`` (it, or a submodule), or None."""
     if not _distributed():
         return None
     for module in model.modules():
-        if isinstance(module, DistributedDataParallel):
+        if _is_wrapper(module):
             return module
     return None
 
 
+def wrapper_group(wrapper: nn.Module) -> object:
+    """The process group whose ranks average their gradients: DDP's, or a DeepSpeed engine's data-parallel
+    group (with sequence parallelism, the sequence-data-parallel one ZeRO reduces over)."""
+    if is_deepspeed_engine(wrapper):
+        return getattr(wrapper, "seq_data_parallel_group", None) or wrapper.data_parallel_group
+    return wrapper.process_group
+
+
 def unwrap_data_parallel(model: nn.Module) -> tuple[str, nn.Module]:
-    """(prefix, module) of the model inside a DDP wrapper, e.g. ("module.", bert); ("", model) otherwise."""
-    if _distributed() and isinstance(model, DistributedDataParallel):
+    """(prefix, module) of the model inside a DDP wrapper or DeepSpeed engine, e.g. ("module.", bert); ("", model)
+    otherwise."""
+    if _distributed() and _is_wrapper(model):
         return "module.", model.module
     return "", model
 
@@ -155,8 +184,23 @@ class DataParallelBinding:
 
     @property
     def group(self) -> object | None:
-        """The wrapper's process group: the ranks whose gradients DDP averages (None without a wrapper)."""
-        return None if self.wrapper is None else self.wrapper.process_group
+        """The wrapper's process group: the ranks whose gradients it averages (None without a wrapper)."""
+        return None if self.wrapper is None else wrapper_group(self.wrapper)
+
+    @property
+    def deepspeed(self) -> bool:
+        """The wrapper is a DeepSpeed engine."""
+        return self.wrapper is not None and is_deepspeed_engine(self.wrapper)
+
+    @property
+    def weight_rows_refusal(self) -> str | None:
+        """Why the wrapper rules weight-row perturbation out (None where it does not)."""
+        if not self.deepspeed:
+            return None
+        return (
+            "DeepSpeed keeps its gradient in the engine's own buffers (param.grad is None after backward; ZeRO-3 "
+            "also partitions the weight)"
+        )
 
     def bind(self, wrapper: nn.Module | None) -> bool:
         """Use ``wrapper`` from now on; True when it is another than the one bound (None changes nothing)."""
@@ -166,8 +210,37 @@ class DataParallelBinding:
         return True
 
     def no_sync(self) -> contextlib.AbstractContextManager:
-        """The wrapper's ``no_sync()`` (no gradient all-reduce in the block); a no-op without a wrapper."""
-        return contextlib.nullcontext() if self.wrapper is None else self.wrapper.no_sync()
+        """No gradient reduction in the block: DDP's ``no_sync()``, a DeepSpeed engine's non-boundary backward
+        (:meth:`accumulate_only`); a no-op without a wrapper."""
+        if self.wrapper is None:
+            return contextlib.nullcontext()
+        return self.accumulate_only() if self.deepspeed else self.wrapper.no_sync()
+
+    def accumulate_only(self) -> contextlib.AbstractContextManager:
+        """The passes of a step before its last: under a DeepSpeed engine, each backward in the block is off the
+        accumulation boundary (the engine adds it to its gradient, reduces nothing and does not step), and an
+        engine step inside it is an error; elsewhere a no-op (DDP all-reduces every pass unless asked not to)."""
+        return _off_the_boundary(self.wrapper) if self.deepspeed else contextlib.nullcontext()
+
+    def output_gradient_pass(self) -> contextlib.AbstractContextManager:
+        """A forward pass, and a ``torch.autograd.grad`` of dL/de alone (no parameter gradient), in the block:
+        DDP's ``no_sync()`` (the forward must not arm the all-reduce); under a DeepSpeed engine, the hooks the
+        engine puts on the forward's outputs neither start a backward of its own (ZeRO would reduce gradients
+        that no pass made) nor divide dL/d(output) by the accumulation steps; a no-op without a wrapper."""
+        return _outside_engine_backward(self.wrapper) if self.deepspeed else self.no_sync()
+
+    def check_knows_engine(self, params: list[torch.Tensor], what: str) -> None:
+        """Raise when ``params`` are trained by a DeepSpeed engine this binding was not given: fastadv would run
+        every pass as the accumulation boundary and read no gradient (ZeRO keeps it in its own buffers)."""
+        if self.deepspeed or "deepspeed" not in sys.modules:
+            return
+        # ZeRO-3 partitions every parameter (ds_id); ZeRO-1/2 mark each one they optimize (grad_accum).
+        if any(hasattr(p, "ds_id") or hasattr(p, "grad_accum") for p in params):
+            raise FastAdvError(
+                f"{what} is trained by a DeepSpeed engine that fastadv was not given, so it cannot run the passes of a "
+                "step before one engine step. Build the adversary on the engine (FGM(engine), with engine from "
+                "deepspeed.initialize), or call adversary.bind_data_parallel(engine) before training."
+            )
 
     def warn_if_unwrapped(self, groups: list[object | None], stacklevel: int) -> None:
         """Warn once when ranks train together but neither this binding nor any of ``groups`` (an FSDP2
@@ -184,13 +257,59 @@ class DataParallelBinding:
             f"(DistributedDataParallel.{_ACTIVE_DDP} is gone), so fastadv cannot find the wrapper by itself"
         )
         warnings.warn(
-            "torch.distributed runs several ranks, but fastadv knows of no DistributedDataParallel wrapper: the model "
-            f"given to it is not one, and {how}. Each rank perturbs the rows of its own batch only. If gradients are "
-            "averaged across ranks, build the adversary on the DDP-wrapped model, or call "
-            "bind_data_parallel(ddp_model), so the rows of every rank's batch are perturbed.",
+            "torch.distributed runs several ranks, but fastadv knows of no DistributedDataParallel wrapper or "
+            f"DeepSpeed engine: the model given to it is not one, and {how}. Each rank perturbs the rows of its own "
+            "batch only. If gradients are "
+            "averaged across ranks, build the adversary on the DDP-wrapped model (or the DeepSpeed engine), or call "
+            "bind_data_parallel(ddp_model or engine), so the rows of every rank's batch are perturbed.",
             FastAdvWarning,
             stacklevel=stacklevel + 1,
         )
+
+
+@contextlib.contextmanager
+def _off_the_boundary(engine: nn.Module) -> Iterator[None]:
+    """``engine``'s backwards in the block are not its accumulation boundary; its own boundary state after."""
+    if not engine.managed_gradient_accumulation():  # the engine reduces in step() only: every backward accumulates
+        yield
+        return
+    # The engine's own state: None (its micro-step counter decides) or what set_gradient_accumulation_boundary set,
+    # e.g. accelerate's sync_gradients. Each backward hands the engine's state to the ZeRO optimizer.
+    saved, steps = engine._is_gradient_accumulation_boundary, engine.global_steps
+    engine.set_gradient_accumulation_boundary(False)
+    try:
+        yield
+    finally:
+        engine._is_gradient_accumulation_boundary = saved
+    if engine.global_steps != steps:
+        raise FastAdvError(
+            "the DeepSpeed engine took an optimizer step between the adversary's passes (accelerate's "
+            "accelerator.backward calls engine.step() at the accumulation boundary), so the weights moved under the "
+            "attack. Pass backward=engine.backward (the engine from deepspeed.initialize, or "
+            "accelerator.deepspeed_engine_wrapped.engine) and call engine.step() after adversary.step()."
+        )
+
+
+@contextlib.contextmanager
+def _outside_engine_backward(engine: nn.Module) -> Iterator[None]:
+    """The engine's forward hooks its outputs: the first backward through them calls ``engine._backward_prologue``
+    (which queues ZeRO's reduction for the end of that backward) and each output's gradient goes through the
+    ``engine._backward_prologue_per_tensor`` the forward found (a division by the accumulation steps). Instance
+    attributes shadow both for the block, forward included."""
+    engine._backward_prologue = _no_prologue
+    engine._backward_prologue_per_tensor = _unchanged
+    try:
+        yield
+    finally:
+        del engine._backward_prologue, engine._backward_prologue_per_tensor
+
+
+def _no_prologue() -> None:
+    pass
+
+
+def _unchanged(grad: torch.Tensor | None) -> torch.Tensor | None:
+    return grad
 
 
 def average_rows_over_ranks(

@@ -13,6 +13,10 @@ class FrozenEmbeddingError(FastAdvError):
     """The embedding to perturb does not require gradients."""
 
 
+class WeightRowsUnavailableError(FastAdvError, ValueError):
+    """target='weight' where the training engine keeps the table's gradient to itself (DeepSpeed ZeRO)."""
+
+
 class MissingGradientError(FastAdvError):
     """attack() ran before a backward pass filled the embedding's gradient."""
 

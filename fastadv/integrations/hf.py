@@ -37,10 +37,14 @@ The optimizer step, clipping, scheduler, logging and saving stay Trainer's. The 
 (and logged) is the adversary's (the clean loss; FreeLB: the mean adversarial loss), scaled as
 Trainer scales its own.
 
-Tested with transformers 5.25 and TRL 1.16. Refused with an error: DeepSpeed (accelerate steps the
-optimizer inside ``backward`` at the accumulation boundary, so the weights would change between the
-clean and the adversarial pass), LOMO/AdaLomo (they update the weights inside ``backward`` too) and
-SageMaker model parallelism.
+Under DeepSpeed (``TrainingArguments(deepspeed=...)``, ZeRO stages 0-3) every pass goes to
+``engine.backward``, the last one at the accumulation boundary where accelerate would put it and the
+earlier ones off it, and ``engine.step()`` runs once after them when Trainer syncs the gradients
+(accelerate's own backward would step the engine after the clean pass). The adversary is bound to the
+engine and perturbs the lookups' outputs there.
+
+Tested with transformers 5.25 and TRL 1.16. Refused with an error: LOMO/AdaLomo (they update the
+weights inside ``backward``, between the passes) and SageMaker model parallelism.
 """
 
 from __future__ import annotations
@@ -133,12 +137,6 @@ class AdversarialTrainingMixin:
                 f"{name} does not support SageMaker model parallelism: its forward-backward runs as one "
                 "call, with no room for the adversary's passes. Use transformers.Trainer there."
             )
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise NotImplementedError(
-                f"{name} does not support DeepSpeed yet: accelerate runs DeepSpeed's optimizer step inside "
-                "backward at the accumulation boundary, so the weights would change between the clean and the "
-                "adversarial pass. Use DDP or FSDP (accelerate config) instead."
-            )
         if self.args.optim in (OptimizerNames.LOMO, OptimizerNames.ADALOMO):
             raise NotImplementedError(
                 f"optim={self.args.optim.value!r} updates the weights inside backward, so the adversarial pass would "
@@ -218,14 +216,27 @@ class AdversarialTrainingMixin:
         divide = not self._loss_is_scaled_for_ga(num_items_in_batch)
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
+        engine = self._deepspeed_engine()
+
         def backward(loss: torch.Tensor) -> None:
-            self.accelerator.backward(loss / steps if divide else loss)
+            if engine is None:
+                self.accelerator.backward(loss / steps if divide else loss)
+            else:  # accelerate's backward would step the engine at the boundary, between the passes
+                # Always a new tensor: the engine's forward hooked the loss itself, and that hook, firing before the
+                # mark engine.backward puts on its argument, would divide by the accumulation steps again (ZeRO-0).
+                engine.backward(loss / steps if divide else loss.clone(), scale_wrt_gas=False)
 
         step_kwargs = {"attention_mask": inputs.get("attention_mask")} if isinstance(self.adversary, FreeLB) else {}
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and isinstance(self.adversary, (PGD, GradientPenalty)):
             step_kwargs["scaler"] = scaler  # their dL/de-only passes scale the loss too (fp16)
+        if engine is not None:
+            # The step's last pass is the boundary where accelerate would put it; the adversary runs the earlier
+            # passes off it (fastadv.distributed.DataParallelBinding.accumulate_only).
+            engine.set_gradient_accumulation_boundary(self.accelerator.sync_gradients)
         loss = self.adversary.step(closure, backward=backward, **step_kwargs)
+        if engine is not None and self.accelerator.sync_gradients:
+            engine.step()  # what accelerate's backward does at the boundary, once all the passes ran
 
         def skip_trainers_backward(loss: torch.Tensor, **kwargs: Any) -> None:
             del self.accelerator.backward  # back to Accelerator.backward after this one call
@@ -235,6 +246,12 @@ class AdversarialTrainingMixin:
         return loss.detach()
 
     # ------------------------------------------------------------ internals
+
+    def _deepspeed_engine(self) -> nn.Module | None:
+        """The DeepSpeed engine accelerate trains with, or None without DeepSpeed."""
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return None
+        return self.accelerator.deepspeed_engine_wrapped.engine
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
         """Whether compute_loss's loss is already normalized over the accumulated batch (Trainer's own rule)."""

@@ -142,6 +142,7 @@ class EmbeddingAttack:
                 self.share_rows,
                 self._outputs,
                 self._data_parallel.group,
+                self._data_parallel.weight_rows_refusal,
             )
             self._targets_by_name[emb_name] = targets
             self._warn_if_tied(targets)
@@ -166,6 +167,7 @@ class EmbeddingAttack:
         """
         # FSDP2 tables know their group from the parameter; the warning is for ranks with no group at all.
         self._data_parallel.warn_if_unwrapped([t.group for t in targets], stacklevel=4)
+        self._data_parallel.check_knows_engine([t.param for t in targets], f"'{targets[0].name}'")
         backend = resolve_backend(targets[0].param.device)
         device = targets[0].param.device
         before = dict(self._attacked or [])  # a PGD round in progress: each target's perturbation so far

@@ -127,11 +127,15 @@ class FGM(EmbeddingAttack):
                 then averages only the table rows it needs (U x d) over the ranks. Same numbers. Until
                 FGM knows the wrapper (given, bound, or seen in a forward pass: FGM built before
                 wrapping learns it in its first step), the clean pass runs with the gradients all-reduced.
+                Under a DeepSpeed engine the clean pass is always off the accumulation boundary (the engine
+                reduces once, at the adversarial pass); pass ``backward=engine.backward`` there.
 
         Returns:
             The clean loss, detached. The optimizer step stays the caller's.
         """
         backward = backward or plain_backward
+        if self._data_parallel.deepspeed:  # output targets (made when bound to an engine) must see the clean pass
+            self._targets(self.emb_name)
         if clean_no_sync:
             self._bind_data_parallel_seen()  # the wrapper an earlier step's forward ran in
         if clean_no_sync and self._data_parallel.wrapper is None and not process_group_initialized():
@@ -139,7 +143,8 @@ class FGM(EmbeddingAttack):
                 "clean_no_sync=True runs the clean pass under DistributedDataParallel.no_sync(), but torch.distributed "
                 "is not initialized, so there is no DDP wrapper. Leave clean_no_sync False."
             )
-        if clean_no_sync and self._data_parallel.wrapper is not None:
+        # A DeepSpeed engine's clean pass is always off the accumulation boundary: it reduces once, at the last pass.
+        if (clean_no_sync or self._data_parallel.deepspeed) and self._data_parallel.wrapper is not None:
             with self._data_parallel.no_sync():
                 loss = check_loss(closure(), "closure()")
                 backward(loss)

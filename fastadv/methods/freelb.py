@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
 import torch
 from torch import nn
 
+from ..distributed import DataParallelBinding, data_parallel_wrapper
 from ..errors import EmbeddingNotFoundError, MissingGradientError
 from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
@@ -109,6 +111,8 @@ class FreeLB:
         self.emb_name = emb_name
         table = _word_embedding(model, emb_name)
         self.name, self.modules = table.name, [m for _, m in table.modules]
+        self._weight = table.weight
+        self._data_parallel = DataParallelBinding(model)  # a DeepSpeed engine: every pass but the last accumulates
         self._skipped = SkipCounter()
         # Per-step state, set only inside step().
         self._active = False
@@ -118,6 +122,11 @@ class FreeLB:
         self._deltas: list[torch.Tensor] = []  # fp32, B x T x d per lookup; made at the first adversarial pass
         self._handles = [subscribe(m, self._on_lookup) for m in self.modules]
         self._row_gradients = RowGradientHooks(model)  # passes after the first add the table's gradient as rows
+
+    def bind_data_parallel(self, model: nn.Module) -> None:
+        """Use the DeepSpeed engine (or DDP wrapper) of ``model``, made after this object was built: under an
+        engine every pass of a step but the last runs off its accumulation boundary. Nothing else changes."""
+        self._data_parallel.bind(data_parallel_wrapper(model))
 
     def __repr__(self) -> str:
         return (
@@ -151,10 +160,12 @@ class FreeLB:
                 f"attention_mask must be a B x T tensor of 0/1 (or None), found {type(attention_mask).__name__}."
             )
         backward = backward or plain_backward
+        self._data_parallel.check_knows_engine([self._weight], f"'{self.name}'")
         total: torch.Tensor | None = None
         if self.keep_clean_loss:
             loss = check_loss(closure(), "closure()")
-            backward(loss)
+            with self._data_parallel.accumulate_only():
+                backward(loss)
             total = loss.detach()
         self._mask, self._deltas = attention_mask, []
         try:
@@ -177,7 +188,9 @@ class FreeLB:
                         f"{len(self._deltas)} times: the closure must run the same forward pass every time."
                     )
                 loss = loss / self.adv_steps
-                backward(loss)
+                last = astep == self.adv_steps - 1
+                with contextlib.nullcontext() if last else self._data_parallel.accumulate_only():
+                    backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
                 grads = [delta.grad for delta in self._deltas]
                 if all(grad is None for grad in grads):
@@ -185,7 +198,7 @@ class FreeLB:
                         f"the output of '{self.name}' was looked up in closure() but does not reach the loss "
                         "(no gradient after backward): return a loss computed from that forward pass."
                     )
-                if astep == self.adv_steps - 1:
+                if last:
                     break
                 # Read once; the next pass uses new deltas. A lookup outside the loss keeps its delta.
                 self._deltas = [

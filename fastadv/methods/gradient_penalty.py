@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..distributed import data_parallel_wrapper
+from ..distributed import DataParallelBinding, data_parallel_wrapper, wrapper_group
 from ..errors import FastAdvError, MissingGradientError
 from ..targets import LookupEdges, RowGradientHooks, data_parallel_seen, named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
@@ -52,8 +52,15 @@ class GradientPenalty:
         self.mode: Mode = mode
         tables = named_tables(model, emb_name, "The gradient penalty")
         self._edges = [LookupEdges(name, module) for table in tables for name, module in table.modules]
+        self._weights = [table.weight for table in tables]
+        self._data_parallel = DataParallelBinding(model)  # its ranks divide epsilon (see _rank_epsilon)
         self._row_gradients = RowGradientHooks(model)  # passes into a dense .grad add the table's gradient as rows
         self._skipped = SkipCounter()
+
+    def bind_data_parallel(self, model: nn.Module) -> None:
+        """Use the DeepSpeed engine (or DDP wrapper) of ``model``, made after this object was built: its ranks
+        share the penalty (see ``_rank_epsilon``). A DDP wrapper is also found in the forward pass."""
+        self._data_parallel.bind(data_parallel_wrapper(model))
 
     def __repr__(self) -> str:
         return f"GradientPenalty(epsilon={self.epsilon}, emb_name={self.emb_name!r}, mode={self.mode!r})"
@@ -79,10 +86,17 @@ class GradientPenalty:
         clean pass then takes dL/de of the scaled loss (no underflow) and divides the scale out.
         """
         backward = backward or plain_backward
+        self._data_parallel.check_knows_engine(self._weights, f"'{self._edges[0].name}'")
+        if self.mode == "exact" and self._data_parallel.deepspeed:
+            raise FastAdvError(
+                "GradientPenalty(mode='exact') backpropagates through dL/de (a double backward), which a DeepSpeed "
+                "engine cannot run: its hooks start one backward per forward, and ZeRO-3 releases the weights the "
+                "second backward needs. Use mode='finite_difference' (the default) under DeepSpeed."
+            )
         for recorded in self._edges:
             recorded.clear()  # only this closure's lookups count
-        loss = check_loss(closure(), "closure()")
         if self.mode == "exact":
+            loss = check_loss(closure(), "closure()")
             try:
                 backward(loss + self.penalty(loss))
             except RuntimeError as err:
@@ -94,11 +108,14 @@ class GradientPenalty:
                     ) from err
                 raise
             return loss.detach()
-        if scaler is None:
-            grads = self._output_gradients(loss, create_graph=False)
-        else:  # dL/de of the scaled loss, then the scale divided out, without reading it on the host
-            scale = scaler.scale(torch.ones((), device=loss.device))
-            grads = [g if g is None else g.div_(scale) for g in self._output_gradients(scaler.scale(loss), False)]
+        # A pass for dL/de alone: DDP does not arm its all-reduce, a DeepSpeed engine starts no backward of its own.
+        with self._data_parallel.output_gradient_pass():
+            loss = check_loss(closure(), "closure()")
+            if scaler is None:
+                grads = self._output_gradients(loss, create_graph=False)
+            else:  # dL/de of the scaled loss, then the scale divided out, without reading it on the host
+                scale = scaler.scale(torch.ones((), device=loss.device))
+                grads = [g if g is None else g.div_(scale) for g in self._output_gradients(scaler.scale(loss), False)]
         present = [g for g in grads if g is not None]
         # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
         finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
@@ -133,12 +150,14 @@ class GradientPenalty:
         one-process penalty of the whole batch (and the finite difference its step). The wrapper is
         the one whose forward looked the embedding up (whenever the object was built).
         """
-        wrapper = data_parallel_wrapper(self.model) or next(
-            iter(data_parallel_seen([recorded.module for recorded in self._edges])), None
+        wrapper = (
+            self._data_parallel.wrapper
+            or data_parallel_wrapper(self.model)
+            or next(iter(data_parallel_seen([recorded.module for recorded in self._edges])), None)
         )
         if wrapper is None:
             return self.epsilon
-        return self.epsilon / torch.distributed.get_world_size(wrapper.process_group)
+        return self.epsilon / torch.distributed.get_world_size(wrapper_group(wrapper))
 
     def _output_gradients(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
         """dL/de for every recorded lookup (None for lookups outside ``loss``'s graph), in order."""

@@ -191,8 +191,9 @@ class PGD(EmbeddingAttack):
         backward = backward or plain_backward
         targets = self._targets(self.emb_name)
         lookups = self._lookup_edges(targets)
-        loss = check_loss(closure(), "closure()")
-        backward(loss)
+        with self._data_parallel.accumulate_only():  # DeepSpeed: the last pass alone is the boundary
+            loss = check_loss(closure(), "closure()")
+            backward(loss)
         # Again after the clean pass: a DDP forward that no earlier step ran (the model wrapped after PGD was
         # built, or PGD built on ddp.module) binds its wrapper here, and the targets take its group.
         targets = self._targets(self.emb_name)
@@ -262,8 +263,9 @@ class PGD(EmbeddingAttack):
         recorders = {id(r): r for rs in lookups.values() for r in rs}
         for recorder in recorders.values():
             recorder.clear()
-        # Under DDP the pass must not arm the gradient all-reduce: it computes no parameter gradient.
-        with self._data_parallel.no_sync():
+        # It computes no parameter gradient: under DDP it must not arm the all-reduce, under DeepSpeed not start a
+        # backward of the engine's.
+        with self._data_parallel.output_gradient_pass():
             loss = check_loss(closure(), "closure()")
             if scaler is not None:  # only the direction is used: the scale needs no undoing
                 loss = scaler.scale(loss)

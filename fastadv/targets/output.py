@@ -28,6 +28,7 @@ from .base import Gradient, Step
 from .gradients import LookupGradients, gradient_rows
 from .hook import subscribe
 from .scale import lookup_scale, on_output, raw_gradient
+from .tables import table_rows
 
 
 class OutputTarget:
@@ -115,7 +116,7 @@ class OutputTarget:
                 "loss.backward() on the clean loss before attack(); if you did, the embedding's output does "
                 "not reach the loss (or the fastadv object was created after the forward pass)."
             )
-        vocab = self.param.shape[0]
+        vocab = table_rows(self.param)
         grad_set, grad = gradient_rows(lookups, vocab, self._padding_idx, self.share_rows, backend, self.name)
         if self.group is not None and self.share_rows:  # as one process on the whole batch would see it
             ids = torch.cat([i.reshape(-1) for i, _ in lookups])

@@ -12,7 +12,7 @@ from ..errors import FastAdvWarning
 from ..ops import RowSet, row_set_from_ids, rows_l2_norm
 from ..ops.backend import resolve_backend
 from .hook import subscribe
-from .tables import as_matrix
+from .tables import as_matrix, table_rows
 
 _ENGINE = torch.autograd.Variable._execution_engine  # queue_callback: run fn at the end of this backward
 
@@ -52,7 +52,7 @@ class LookupRecorder:
         self._count = 0  # ids in both
         self._seen: tuple[weakref.ref | None, int] = (None, 0)  # .grad and its version after the last backward
         self._warned_growth = False
-        self.compact_at = self.COMPACT_FLOOR + 4 * weight.shape[0]
+        self.compact_at = self.COMPACT_FLOOR + 4 * table_rows(weight)
         self.padding_idx: int | None = None  # of the modules looking it up (they agree in practice)
         self._handles: list = []
         self.looked_up = False  # whether any forward pass has looked the table up
@@ -116,7 +116,7 @@ class LookupRecorder:
         """
         ids = self._ids[0] if len(self._ids) == 1 else torch.cat(self._ids)
         self._ids = []
-        rows = row_set_from_ids(ids, self.weight.shape[0])
+        rows = row_set_from_ids(ids, table_rows(self.weight))
         alive = rows_l2_norm(as_matrix(grad), rows, resolve_backend(grad.device)) != 0
         if not grad.is_cuda:
             if alive:
@@ -181,7 +181,7 @@ class LookupRecorder:
     def row_set(self) -> RowSet | None:
         """The recorded rows (None when nothing was recorded since the last reset)."""
         ids = self.ids()
-        return None if ids is None else row_set_from_ids(ids, self.weight.shape[0])
+        return None if ids is None else row_set_from_ids(ids, table_rows(self.weight))
 
 
 def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:

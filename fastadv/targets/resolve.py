@@ -9,7 +9,7 @@ from typing import Literal
 from torch import nn
 
 from ..distributed import data_parallel_group_of_shard, row_shard
-from ..errors import EmbeddingNotFoundError, FrozenEmbeddingError
+from ..errors import EmbeddingNotFoundError, FrozenEmbeddingError, WeightRowsUnavailableError
 from .base import Target
 from .output import OutputTarget
 from .recorder import LookupRecorder
@@ -35,6 +35,7 @@ def resolve_targets(
     share_rows: bool = True,
     outputs: dict[object, OutputTarget] | None = None,
     group: object | None = None,
+    weight_rows_refusal: str | None = None,
 ) -> list[Target]:
     """The places to perturb.
 
@@ -47,6 +48,8 @@ def resolve_targets(
     the lookups' outputs elsewhere, logged at INFO.
     ``outputs`` caches one OutputTarget (one set of hooks) per table and modules across calls.
     ``group``: the DDP process group that averages the gradients (see fastadv.distributed).
+    ``weight_rows_refusal``: why the engine rules weight rows out for every table (DeepSpeed: its gradient is in
+    ZeRO's buffers); 'auto' then perturbs the lookups' outputs, and 'weight' raises.
     """
     outputs = {} if outputs is None else outputs
     if emb_name is None:
@@ -72,6 +75,12 @@ def resolve_targets(
             name, param = entry
             if not param.requires_grad:
                 continue
+            if weight_rows_refusal is not None:
+                raise EmbeddingNotFoundError(
+                    f"emb_name={emb_name!r} matches '{name}', which is not the weight of an nn.Embedding, and its "
+                    f"weight cannot be perturbed here: {weight_rows_refusal}. Pass an emb_name that matches embedding "
+                    "tables only, perturbed at their lookups' outputs (target='output' or 'auto')."
+                )
             if mode == "output":
                 raise EmbeddingNotFoundError(
                     f"target='output' perturbs embedding lookups, and '{name}' is not the weight of an nn.Embedding. "
@@ -80,7 +89,13 @@ def resolve_targets(
             targets.append(WeightTarget(name, param, None, group))
             continue
         table = entry
-        reason = _output_mode_reason(model, table) if mode != "weight" else None
+        if mode == "weight" and weight_rows_refusal is not None:
+            raise WeightRowsUnavailableError(
+                f"target='weight' perturbs the rows of '{table.name}', and {weight_rows_refusal}. Use "
+                "target='output' (the default 'auto' chooses it here): it perturbs the lookups' outputs, which needs "
+                "neither the weight nor its gradient."
+            )
+        reason = weight_rows_refusal or (_output_mode_reason(model, table) if mode != "weight" else None)
         if mode == "output" or reason is not None:
             if mode == "auto":
                 logger.info(

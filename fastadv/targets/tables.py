@@ -207,6 +207,12 @@ def named_tables(model: nn.Module, emb_name: str | None, method: str) -> list[Em
     return tables
 
 
+def table_rows(weight: torch.Tensor) -> int:
+    """The rows of an embedding table: its vocabulary. Under DeepSpeed ZeRO-3 the parameter is an empty
+    placeholder outside the forward (shape (0,)) and ``ds_shape`` is its real shape."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """A [rows, columns] view of a parameter (1-D: one row), sharing its storage."""
     if t.dim() == 2:

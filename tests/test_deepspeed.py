@@ -1,0 +1,64 @@
+"""DeepSpeed ZeRO stages 0-3 on CPU (gloo, 2 processes): every method trains to the weights of one process on
+whole micro-batches, in a plain DeepSpeed loop and under AdversarialTrainer, with and without accumulation.
+
+One spawn runs every case (starting the processes and DeepSpeed costs more than training); see
+tests/deepspeed_worker.py for the loops and the reference.
+"""
+
+from __future__ import annotations
+
+import deepspeed_worker
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import relative_difference
+from models import tiny_bert
+
+WORLD = 2
+STAGES = (0, 1, 2, 3)
+METHODS = ("fgm", "pgd", "freelb", "gp_fd")
+CASES = {
+    f"{loop}-zero{stage}-{method}-gas{accumulation}": (loop, stage, method, accumulation)
+    for loop in ("plain_engine", "trainer")
+    for stage in STAGES
+    for method in METHODS
+    for accumulation in (1, 2)
+}
+# FGM built on the bare model before deepspeed.initialize, then bound to the engine.
+CASES.update({f"plain_bound-zero{stage}-fgm-gas2": ("plain_bound", stage, "fgm", 2) for stage in STAGES})
+CASES["plain_engine-zero2-gp-gas1"] = ("plain_engine", 2, "gp", 1)  # the exact penalty: refused
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, object]:
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    outs = {name: str(tmp / f"{name}.pt") for name in CASES}
+    mp.spawn(deepspeed_worker.worker, args=(WORLD, str(tmp / "init"), CASES, outs), nprocs=WORLD, join=True)
+    return {name: torch.load(out) for name, out in outs.items()}
+
+
+def reference(loop: str, method: str, accumulation: int) -> dict[str, torch.Tensor]:
+    if loop == "trainer":
+        return deepspeed_worker.trainer(1, None, method, accumulation)
+    return deepspeed_worker.one_process(method, accumulation)
+
+
+@pytest.mark.parametrize("name", [n for n, case in CASES.items() if case[2] != "gp"])
+def test_deepspeed_training_equals_one_process(results, name):
+    loop, _, method, accumulation = CASES[name]
+    got = results[name]
+    assert not isinstance(got, str), f"{name} raised {got}"
+    want = reference(loop, method, accumulation)
+    initial = dict(tiny_bert(attention="eager").named_parameters())
+    assert got.keys() == want.keys()
+    flat = lambda state: torch.cat([state[k].flatten() for k in want])  # noqa: E731
+    start = torch.cat([initial[k].detach().flatten() for k in want])
+    update = relative_difference(flat(got) - start, flat(want) - start)
+    assert update <= 1e-5, f"{name}: the weight updates differ by {update:.3g} (relative)"
+    assert relative_difference(want["classifier.weight"], initial["classifier.weight"].detach()) > 1e-4, "no training"
+
+
+def test_the_exact_gradient_penalty_under_deepspeed_is_refused_by_name(results):
+    got = results["plain_engine-zero2-gp-gas1"]
+    assert isinstance(got, str) and got.startswith("FastAdvError"), got
+    assert "mode='finite_difference'" in got
