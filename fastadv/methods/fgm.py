@@ -134,8 +134,7 @@ class FGM(EmbeddingAttack):
             The clean loss, detached. The optimizer step stays the caller's.
         """
         backward = backward or plain_backward
-        if self._data_parallel.deepspeed:  # output targets (made when bound to an engine) must see the clean pass
-            self._targets(self.emb_name)
+        self._targets(self.emb_name)  # output targets (e.g. made when bound to an engine) must see the clean pass
         if clean_no_sync:
             self._bind_data_parallel_seen()  # the wrapper an earlier step's forward ran in
         if clean_no_sync and self._data_parallel.wrapper is None and not process_group_initialized():
