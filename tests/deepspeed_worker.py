@@ -61,8 +61,10 @@ def one_process(method: str, accumulation: int) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def config(stage: int, accumulation: int, world: int) -> dict:
+def config(stage: int, accumulation: int, world: int, bf16: bool = False) -> dict:
+    """``bf16``: the engine holds the model in bfloat16 and the optimizer's weights in fp32."""
     return {
+        "bf16": {"enabled": bf16},
         "train_micro_batch_size_per_gpu": MICRO // world,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 0.0,
@@ -78,10 +80,12 @@ def full_state(engine) -> dict[str, torch.Tensor]:
 
     params = dict(engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values()), enabled=engine.zero_optimization_stage() == 3):
-        return {name: p.detach().clone() for name, p in params.items()}
+        return {name: p.detach().to(torch.float32, copy=True) for name, p in params.items()}  # bf16 too
 
 
-def plain_loop(rank: int, world: int, stage: int, method: str, accumulation: int, built_on: str) -> dict:
+def plain_loop(
+    rank: int, world: int, stage: int, method: str, accumulation: int, built_on: str, bf16: bool = False
+) -> dict:
     """``built_on``: "engine" (``FGM(engine)``) or "bound" (``FGM(model)`` before ``deepspeed.initialize``,
     then ``bind_data_parallel(engine)``)."""
     import deepspeed
@@ -89,7 +93,7 @@ def plain_loop(rank: int, world: int, stage: int, method: str, accumulation: int
     model = tiny_bert(attention="eager")
     adversary = make_adversary(model, method) if built_on == "bound" else None
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config(stage, accumulation, world))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config(stage, accumulation, world, bf16))
     if adversary is None:
         adversary = make_adversary(engine, method)
     else:
@@ -115,7 +119,7 @@ class Examples(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
-def trainer(world: int, stage: int | None, method: str, accumulation: int) -> dict:
+def trainer(world: int, stage: int | None, method: str, accumulation: int, bf16: bool = False) -> dict:
     """AdversarialTrainer with a DeepSpeed config (``stage``), or in one process (``stage`` None, ``world`` 1, the
     reference): accelerate's sampler gives rank r the r-th share of every micro-batch of MICRO examples.
 
@@ -143,7 +147,8 @@ def trainer(world: int, stage: int | None, method: str, accumulation: int) -> di
             logging_strategy="no",
             disable_tqdm=True,
             average_tokens_across_devices=False,
-            deepspeed=None if stage is None else config(stage, accumulation, world),
+            bf16=bf16,
+            deepspeed=None if stage is None else config(stage, accumulation, world, bf16),
         )
         run = AdversarialTrainer(
             adversary=make_adversary(model, method, target="output"),
@@ -161,7 +166,7 @@ def trainer(world: int, stage: int | None, method: str, accumulation: int) -> di
 
 
 def worker(rank: int, world: int, init_file: str, cases: dict[str, tuple], outs: dict[str, str]) -> None:
-    """Every case in ``cases`` (name: (loop, stage, method, accumulation)), one after the other in one process
+    """Every case in ``cases`` (name: (loop, stage, method, accumulation[, "bf16"])), one after the other in one process
     group; rank 0 saves each run's final weights, or the error it raised, to ``outs[name]``."""
     os.environ.update(
         DS_ACCELERATOR="cpu", FASTADV_BACKEND="torch", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
@@ -176,12 +181,13 @@ def worker(rank: int, world: int, init_file: str, cases: dict[str, tuple], outs:
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-        for name, (loop, stage, method, accumulation) in cases.items():
+        for name, (loop, stage, method, accumulation, *dtype) in cases.items():
+            bf16 = dtype == ["bf16"]
             try:
                 if loop == "trainer":
-                    result = trainer(world, stage, method, accumulation)
+                    result = trainer(world, stage, method, accumulation, bf16)
                 else:
-                    result = plain_loop(rank, world, stage, method, accumulation, loop.removeprefix("plain_"))
+                    result = plain_loop(rank, world, stage, method, accumulation, loop.removeprefix("plain_"), bf16)
             except Exception as err:  # the test reports it; the other cases still run
                 result = f"{type(err).__name__}: {err}"
             if rank == 0:
