@@ -55,6 +55,19 @@ def test_several_embeddings_and_no_getter_asks_for_emb_name():
         FGM(TwoTables())
 
 
+def test_a_container_of_one_hf_model_uses_its_input_embedding_and_of_two_asks_for_emb_name():
+    class Head(nn.Module):  # as sentence-transformers wraps a BertModel: no get_input_embeddings of its own
+        def __init__(self, towers: int):
+            super().__init__()
+            self.towers = nn.ModuleList(tiny_bert() for _ in range(towers))
+
+    one = Head(1)
+    fgm = FGM(one, target="weight")
+    assert [t.name for t in fgm._targets(None)] == ["towers.0.bert.embeddings.word_embeddings.weight"]
+    with pytest.raises(EmbeddingNotFoundError, match=r"6 nn.Embedding modules .*emb_name="):
+        FGM(Head(2))  # two towers' tables: which one is the user's to say
+
+
 def test_no_embedding_at_all():
     with pytest.raises(EmbeddingNotFoundError, match=r"no nn\.Embedding"):
         FGM(nn.Linear(3, 3))

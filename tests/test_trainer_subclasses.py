@@ -1,4 +1,5 @@
-"""AdversarialTrainingMixin on Trainer subclasses: TRL's SFTTrainer and transformers' Seq2SeqTrainer.
+"""AdversarialTrainingMixin on Trainer subclasses: TRL's SFTTrainer, transformers' Seq2SeqTrainer and
+sentence-transformers' SentenceTransformerTrainer.
 
 Each trainer runs 3 optimizer steps of SGD (micro-batches of 2, 2 per step, no clipping, a constant learning
 rate, sequential order) on tiny random-weight models and is compared with a hand-written loop that runs the
@@ -61,12 +62,12 @@ def common_args() -> dict:
 def hand_loop(model: nn.Module, adversary: FGM | PGD, batches: list[dict], loss_of: Callable, shifted: bool) -> None:
     """SGD every ACCUM micro-batches; each pass's loss ``loss_of(model, batch, tokens)`` with ``tokens`` the
     label count of the optimizer step's micro-batches (what Trainer passes as num_items_in_batch; ``shifted``:
-    a causal LM's, without each row's first label)."""
+    a causal LM's, without each row's first label; 0 for batches without labels)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     model.train()
     for start in range(0, len(batches), ACCUM):
         group = batches[start : start + ACCUM]
-        tokens = sum(int((batch["labels"][:, int(shifted) :] != -100).sum()) for batch in group)
+        tokens = sum(int((batch["labels"][:, int(shifted) :] != -100).sum()) for batch in group if "labels" in batch)
         for batch in group:
             adversary.step(
                 lambda batch=batch, tokens=tokens: loss_of(model, batch, tokens), backward=torch.Tensor.backward
@@ -245,6 +246,79 @@ def test_seq2seq_trainer_with_the_mixin_trains_to_the_hand_loops_weights(tmp_pat
     assert trainer.model_accepts_loss_kwargs
     update = assert_same_training(model, reference, initial, f"Seq2SeqTrainer + {method} against the hand loop")
     print(f"seq2seq {method}: updates differ by {update:.3g}")
+
+
+# ------------------------------------------------------------ sentence-transformers on a tiny BERT
+
+
+def sentence_transformer(folder) -> nn.Module:
+    """A SentenceTransformer (a BertModel, mean pooling) loaded from a folder with random weights; the FGM it gets
+    finds the word embeddings through the BertModel's get_input_embeddings()."""
+    from sentence_transformers import SentenceTransformer
+
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        config = transformers.BertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+            max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+        )  # fmt: skip
+        transformers.BertModel(config).save_pretrained(folder)
+        tokenizer().save_pretrained(folder)
+    return SentenceTransformer(str(folder), device="cpu")
+
+
+def sentence_pairs():
+    """(anchor, positive) texts of 4 to 6 words."""
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(3)
+    words = lambda n: " ".join(f"w{int(i)}" for i in torch.randint(2, VOCAB, (n,), generator=gen))  # noqa: E731
+    return Dataset.from_list([{"anchor": words(4 + i % 3), "positive": words(5)} for i in range(MICRO * ACCUM * STEPS)])
+
+
+@pytest.mark.parametrize("method", list(ADVERSARIES))
+def test_sentence_transformer_trainer_with_the_mixin_trains_to_the_hand_loops_weights(tmp_path, method):
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+
+    model, reference, plain = (sentence_transformer(tmp_path / "model") for _ in range(3))
+    initial = flat(model)
+    args = SentenceTransformerTrainingArguments(output_dir=str(tmp_path / "out"), **common_args())
+    trainer = adversarial_trainer(SentenceTransformerTrainer)(
+        adversary=ADVERSARIES[method](model),
+        model=model,
+        args=args,
+        train_dataset=sentence_pairs(),
+        loss=losses.MultipleNegativesRankingLoss(model),
+    )
+    trainer.train()
+
+    # Its batches have no labels for Trainer to count (num_items_in_batch None): each pass's loss is divided by the
+    # accumulation steps.
+    def hand_loss(loss: nn.Module) -> Callable:
+        def loss_of(model: nn.Module, batch: dict, tokens: int) -> torch.Tensor:
+            return loss(*trainer.collect_features(dict(batch))) / ACCUM
+
+        return loss_of
+
+    batches = train_batches(trainer)
+    hand_loop(
+        reference,
+        ADVERSARIES[method](reference),
+        batches,
+        hand_loss(losses.MultipleNegativesRankingLoss(reference)),
+        shifted=False,
+    )
+    update = assert_same_training(
+        model, reference, initial, f"SentenceTransformerTrainer + {method} against the hand loop"
+    )
+    print(f"sentence-transformers {method}: updates differ by {update:.3g}")
+
+    class NoAttack:  # the same loop without the adversary's passes: the attack changes the update
+        def step(self, closure: Callable, backward: Callable) -> None:
+            backward(closure())
+
+    hand_loop(plain, NoAttack(), batches, hand_loss(losses.MultipleNegativesRankingLoss(plain)), shifted=False)
+    assert relative_difference(flat(plain) - initial, flat(model) - initial) > 1e-3
 
 
 # ------------------------------------------------------------ the class builder and its errors

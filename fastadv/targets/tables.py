@@ -64,7 +64,8 @@ def embedding_like_names(model: nn.Module) -> list[str]:
 
 
 def find_input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
-    """The model's input embedding: ``get_input_embeddings()`` where it has one, else its single nn.Embedding.
+    """The model's input embedding: ``get_input_embeddings()`` where it has one, else its single nn.Embedding,
+    else the one its submodules' ``get_input_embeddings()`` name (a SentenceTransformer around a BertModel).
 
     Looks through DistributedDataParallel and nn.DataParallel wrappers, and through PEFT's wrappers
     (``get_input_embeddings()`` of a model with ``modules_to_save=["embed_tokens"]`` returns a
@@ -80,19 +81,20 @@ def find_input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
         name, module = find_input_embedding(inner)
         return prefix + name, module
     candidates = embedding_modules(model)
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        try:
-            found = getter()
-        except NotImplementedError:
-            found = None
-        if isinstance(found, nn.Module):
-            inside = {id(m) for m in found.modules()}
-            within = [(n, m) for n, m in candidates if id(m) in inside]
-            if len(within) == 1:  # the module itself, or the one a wrapper runs (PEFT, LoRA's base_layer)
-                return within[0]
+    named = declared_input_embedding(model, candidates)
+    if named is not None:
+        return named
     if len(candidates) == 1:
         return candidates[0]
+    # A container of one Hugging Face model (sentence-transformers' SentenceTransformer, a custom head):
+    # the input embedding that the submodules' get_input_embeddings() name, if they all name the same.
+    declared: dict[int, tuple[str, nn.Embedding]] = {}
+    for _, submodule in list(model.named_modules())[1:]:
+        found = declared_input_embedding(submodule, candidates)
+        if found is not None:
+            declared[id(found[1])] = found
+    if len(declared) == 1:
+        return next(iter(declared.values()))
     if not candidates:
         raise EmbeddingNotFoundError(
             f"{type(model).__name__} has no nn.Embedding module and no get_input_embeddings(). "
@@ -104,6 +106,25 @@ def find_input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
         "get_input_embeddings() to say which is the input. Pass emb_name= with a substring of the one to "
         "perturb, e.g. emb_name='word_embeddings'."
     )
+
+
+def declared_input_embedding(
+    model: nn.Module, candidates: list[tuple[str, nn.Embedding]]
+) -> tuple[str, nn.Embedding] | None:
+    """The one of ``candidates`` (named within the root model) that ``model.get_input_embeddings()`` is or
+    runs (PEFT's wrapper, LoRA's base_layer); None without such a getter or a single match."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        found = getter()
+    except (NotImplementedError, AttributeError):  # a model class whose getter its layout does not support
+        return None
+    if not isinstance(found, nn.Module):
+        return None
+    inside = {id(m) for m in found.modules()}
+    within = [(n, m) for n, m in candidates if id(m) in inside]
+    return within[0] if len(within) == 1 else None
 
 
 def shared_parameter_names(model: nn.Module, param: nn.Parameter) -> list[str]:
