@@ -278,7 +278,8 @@ def sentence_pairs():
 
 @pytest.mark.parametrize("method", list(ADVERSARIES))
 def test_sentence_transformer_trainer_with_the_mixin_trains_to_the_hand_loops_weights(tmp_path, method):
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
 
     model, reference, plain = (sentence_transformer(tmp_path / "model") for _ in range(3))
     initial = flat(model)

@@ -25,6 +25,7 @@ from ..targets import (
     attach_recorders,
     data_parallel_seen,
     resolve_targets,
+    shared_parameter_names,
     tied_targets,
 )
 from ._common import SkipCounter
@@ -61,10 +62,13 @@ class EmbeddingAttack:
         self._edges: dict[int, LookupEdges] = {}  # lookups as autograd edges, for methods that need dL/de
         # Every later pass into a dense .grad adds its gradient as rows (see fastadv.targets.row_gradients).
         self._row_gradients = {"hooks": RowGradientHooks(model)}
+        # A state dict taken while the weight is perturbed holds the clean rows.
+        self._state_dict_hook = {"hook": model.register_state_dict_post_hook(CleanStateDict(self))}
         self._detach = weakref.finalize(
-            self, _remove_hooks, self._recorders, self._outputs, self._edges, self._row_gradients
+            self, _remove_hooks, self._recorders, self._outputs, self._edges, self._row_gradients, self._state_dict_hook
         )
         self._targets_by_name: dict[str | None, list[Target]] = {}
+        self._table_names: dict[int, str] = {}  # id of each resolved table: its name in the model
         self._attacked: list[tuple[Target, object]] | None = None  # (target, its perturbation's handle)
         self._skipped = SkipCounter()
         self._warned_tied = False
@@ -110,9 +114,18 @@ class EmbeddingAttack:
                     f"restore(emb_name={emb_name!r}) names other parameters than attack() perturbed ({attacked}); "
                     "they are still perturbed. Call restore() with the attack's emb_name, or with none."
                 )
-        attacked, self._attacked = self._attacked, None
-        for target, perturbation in attacked:
-            target.restore(perturbation)
+        for target, perturbation in self._attacked:
+            target.check_restorable(perturbation)
+        remaining = list(self._attacked)
+        while remaining:
+            target, perturbation = remaining[0]
+            try:
+                target.restore(perturbation)
+            except BaseException:
+                self._attacked = remaining  # still perturbed, their saved rows kept: restore() can be called again
+                raise
+            remaining.pop(0)
+        self._attacked = None
 
     # ------------------------------------------------------------ internals
 
@@ -133,7 +146,9 @@ class EmbeddingAttack:
     def _targets(self, emb_name: str | None) -> list[Target]:
         self._bind_data_parallel_seen()
         targets = self._targets_by_name.get(emb_name)
-        if targets is None:
+        if targets is not None:
+            self._check_tables_in_place(targets)
+        else:
             targets = resolve_targets(
                 self.model,
                 emb_name,
@@ -146,7 +161,24 @@ class EmbeddingAttack:
             )
             self._targets_by_name[emb_name] = targets
             self._warn_if_tied(targets)
+            # Where the model holds each table now: a table replaced later is no longer there.
+            self._table_names.update(
+                {id(t.param): t.name for t in targets if _parameter_at(self.model, t.name) is t.param}
+            )
         return targets
+
+    def _check_tables_in_place(self, targets: list[Target]) -> None:
+        """Refuse to attack a table the model no longer holds (its embedding replaced since it was hooked)."""
+        for target in targets:
+            name = self._table_names.get(id(target.param))
+            if name is not None and _parameter_at(self.model, name) is not target.param:
+                kind = type(self).__name__
+                raise EmbeddingNotFoundError(
+                    f"The model no longer holds the table {kind} hooked as '{name}': its embedding was replaced "
+                    f"after {kind} was built (set_input_embeddings, resize_token_embeddings, a new module), so the "
+                    f"model never looks the hooked table up. Build {kind} again on the model as it is now; "
+                    "nothing was perturbed."
+                )
 
     def _perturb(
         self,
@@ -208,6 +240,43 @@ class EmbeddingAttack:
             )
 
 
+class CleanStateDict:
+    """The model's state-dict hook: while an attack has written the weight, the state dict (a checkpoint, an EMA
+    update) gets each written parameter as it was before the attack, and a warning says so. Holds the attack
+    weakly; a copied model (deepcopy, pickle) holds an inert one."""
+
+    def __init__(self, attack: EmbeddingAttack | None) -> None:
+        self._attack = None if attack is None else weakref.ref(attack)
+
+    def __deepcopy__(self, memo: dict) -> CleanStateDict:
+        return CleanStateDict(None)
+
+    def __reduce__(self) -> tuple:
+        return (CleanStateDict, (None,))
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        attack = None if self._attack is None else self._attack()
+        if attack is None or attack._attacked is None:
+            return
+        cleaned = []
+        for target, perturbation in attack._attacked:
+            clean = target.clean_value(perturbation)
+            if clean is None:
+                continue
+            for name in shared_parameter_names(module, target.param):
+                if prefix + name in state_dict:
+                    state_dict[prefix + name] = clean
+                    cleaned.append(prefix + name)
+        if cleaned:
+            warnings.warn(
+                f"state_dict() was taken between {type(attack).__name__}'s attack and restore(): it holds "
+                f"{', '.join(cleaned)} as before the attack (the clean rows), not the perturbed weights the model "
+                "holds now. Take checkpoints after restore().",
+                FastAdvWarning,
+                stacklevel=3,
+            )
+
+
 def _remove_hooks(*registries: dict) -> None:
     for registry in registries:
         for hooked in registry.values():
@@ -222,3 +291,11 @@ def gradient_norm(gradient: Gradient, backend: Backend) -> torch.Tensor:
     if gradient.norm_group is None:
         return norm
     return all_reduce_sum(norm.square().reshape(1), gradient.norm_group).sqrt().reshape(())
+
+
+def _parameter_at(model: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter the model holds under ``name`` now, or None."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return None

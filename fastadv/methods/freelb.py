@@ -277,13 +277,12 @@ class FreeLB:
 
     def _ascend(self, delta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """One ascent step and projection, per sequence; kept as it was when ``grad`` holds NaN/Inf."""
-        batch = delta.size(0)
-        flat = grad.reshape(batch, -1)
+        flat = grad.flatten(1)  # [B, T * d]; B may be 0
         if self.norm == "l2":
             denorm = torch.linalg.vector_norm(flat, dim=1).view(-1, 1, 1).clamp(min=1e-8)
             moved = delta + self.adv_lr * grad / denorm
             if self.adv_max_norm > 0:
-                delta_norm = torch.linalg.vector_norm(moved.reshape(batch, -1).float(), ord=2, dim=1)
+                delta_norm = torch.linalg.vector_norm(moved.flatten(1).float(), ord=2, dim=1)
                 # The script's `max / norm * exceed + (1 - exceed)` is NaN for a zero delta (inf * 0); where()
                 # gives the same bits everywhere else.
                 reweights = torch.where(delta_norm > self.adv_max_norm, self.adv_max_norm / delta_norm, 1.0)

@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from .checks import check_ids
+
 
 @dataclass(frozen=True)
 class RowSet:
@@ -49,6 +51,7 @@ def row_set_from_ids(ids: torch.Tensor, num_rows: int, static_shape: bool | None
     table has rows.
     """
     flat = ids.reshape(-1).to(torch.int64)
+    check_ids("ids", flat, num_rows)
     if static_shape is None:
         static_shape = flat.is_cuda
     if not static_shape:

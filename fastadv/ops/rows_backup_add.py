@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
+from .checks import check_row_set
 from .launch import check_weight_and_grad, first_flags, row_launch_options, row_programs, step_scalars
 from .row_set import RowSet
 
@@ -32,9 +33,10 @@ def rows_backup_add_reference(
     else:
         work.mul_(epsilon).div_(norm)
     work.add_(backup)
+    work = work.to(weight.dtype)  # fp32 arithmetic for every storage dtype, as the kernel's
     torch.where(ok, work, backup, out=work)  # a skipped step writes the saved rows back, bit for bit
     # Duplicate slots hold identical values, so copying them all writes each row once in effect.
-    weight.index_copy_(0, row_set.rows, work.to(weight.dtype))
+    weight.index_copy_(0, row_set.rows, work)
     return backup
 
 
@@ -62,6 +64,7 @@ def rows_backup_add(
         first-occurrence flags, the kernel saves only the flagged slots (the others hold zeros).
     """
     check_weight_and_grad(weight, grad)
+    check_row_set(row_set, weight.shape[0], grad.shape[0])
     backend = backend or resolve_backend(weight.device)
     if backend == "torch":
         return rows_backup_add_reference(weight, grad, row_set, norm, ok, epsilon, sign)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
+from .checks import check_row_set
 from .launch import check_matrix, first_flags, row_launch_options, row_programs
 from .row_set import RowSet
 
@@ -38,6 +39,7 @@ def rows_l2_norm(grad: torch.Tensor, row_set: RowSet, backend: Backend | None = 
     squares per program, then a sum.
     """
     check_matrix("grad", grad)
+    check_row_set(row_set, None, grad.shape[0])
     backend = backend or resolve_backend(grad.device)
     if backend == "torch" or len(row_set) == 0:
         return rows_l2_norm_reference(grad, row_set)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
+from .checks import check_row_set
 from .launch import check_weight_and_grad, first_flags, row_launch_options, row_programs, step_scalars
 from .row_set import RowSet
 from .rows_l2_norm import rows_l2_norm_reference
@@ -68,6 +69,7 @@ def rows_pgd_step(
         projection; ``||r||`` stays on the device between them.
     """
     check_weight_and_grad(weight, grad)
+    check_row_set(row_set, weight.shape[0], grad.shape[0])
     n, d = len(row_set), weight.shape[1]
     if backup is not None and tuple(backup.shape) != (n, d):
         raise ValueError(f"backup must be [{n}, {d}] (one row per slot), found {tuple(backup.shape)}.")

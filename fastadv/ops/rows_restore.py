@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
+from .checks import check_row_set
 from .launch import check_matrix, first_flags, row_launch_options, row_programs
 from .row_set import RowSet
 
@@ -21,6 +22,12 @@ def rows_restore_reference(weight: torch.Tensor, backup: torch.Tensor, row_set: 
 def rows_restore(weight: torch.Tensor, backup: torch.Tensor, row_set: RowSet, backend: Backend | None = None) -> None:
     """Copy ``backup`` ([N, D], from :func:`rows_backup_add` on the same row set) back into ``weight``."""
     check_matrix("weight", weight)
+    check_row_set(row_set, weight.shape[0], None)
+    if tuple(backup.shape) != (len(row_set), weight.shape[1]) or backup.dtype != weight.dtype:
+        raise ValueError(
+            f"backup must be the rows rows_backup_add saved: [{len(row_set)}, {weight.shape[1]}] {weight.dtype}, "
+            f"found {list(backup.shape)} {backup.dtype}."
+        )
     backend = backend or resolve_backend(weight.device)
     if backend == "torch":
         rows_restore_reference(weight, backup, row_set)

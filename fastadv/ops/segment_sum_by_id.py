@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .backend import Backend, kernels, resolve_backend
+from .checks import check_ids
 from .launch import cdiv, row_launch_options
 from .row_set import RowSet, distinct_slots, scatter_run_starts
 
@@ -95,6 +96,7 @@ def segment_sum_by_id(
     """
     if values.dim() != 2 or values.shape[0] != ids.numel():
         raise ValueError(f"values must be [N, D] with N = ids.numel() = {ids.numel()}, found {tuple(values.shape)}.")
+    check_ids("ids", ids, num_rows)
     backend = backend or resolve_backend(values.device)
     if static_shape is None:
         static_shape = values.is_cuda

@@ -27,7 +27,7 @@ from .recorder import LookupRecorder, attach_recorders
 from .resolve import TargetMode, resolve_targets, tied_targets
 from .row_gradients import ROW_GRADIENTS_VARIABLE
 from .scale import lookup_scale, on_output, raw_gradient
-from .tables import EmbeddingTable, embedding_modules, named_tables, table_modules
+from .tables import EmbeddingTable, embedding_modules, named_tables, shared_parameter_names, table_modules
 from .weight import WeightTarget
 
 __all__ = [
@@ -52,6 +52,7 @@ __all__ = [
     "on_output",
     "raw_gradient",
     "resolve_targets",
+    "shared_parameter_names",
     "subscribe",
     "table_modules",
     "tied_targets",

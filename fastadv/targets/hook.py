@@ -47,6 +47,14 @@ class LookupHook:
                 output = result = replaced
         return result
 
+    # A copy of the model (copy.deepcopy for an EMA or the best checkpoint, pickle, torch.save(model)) carries
+    # an InertHook in this hook's place: no subscriber, no autograd state, nothing perturbed in the copy.
+    def __deepcopy__(self, memo: dict) -> InertHook:
+        return InertHook()
+
+    def __reduce__(self) -> tuple:
+        return (InertHook, ())
+
     def subscribe(self, subscriber: Subscriber) -> int:
         key, self._next = self._next, self._next + 1
         self._subscribers[key] = subscriber
@@ -61,6 +69,14 @@ class LookupHook:
 
     def remove(self) -> None:
         self._handle.remove()
+
+
+class InertHook:
+    """What a copied model holds where the original's :class:`LookupHook` is: a forward hook that does nothing.
+    An adversary built on the copy puts its own hook there."""
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        return None
 
 
 _hooks: weakref.WeakKeyDictionary[nn.Module, LookupHook] = weakref.WeakKeyDictionary()

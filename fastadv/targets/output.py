@@ -117,7 +117,8 @@ class OutputTarget:
                 "not reach the loss (or the fastadv object was created after the forward pass)."
             )
         vocab = table_rows(self.param)
-        grad_set, grad = gradient_rows(lookups, vocab, self._padding_idx, self.share_rows, backend, self.name)
+        by_freq = any(getattr(m, "scale_grad_by_freq", False) for m in self.modules)
+        grad_set, grad = gradient_rows(lookups, vocab, self._padding_idx, self.share_rows, backend, self.name, by_freq)
         if self.group is not None and self.share_rows:  # as one process on the whole batch would see it
             ids = torch.cat([i.reshape(-1) for i, _ in lookups])
             grad, grad_set = average_rows_over_ranks(ids, vocab, grad, grad_set, self.group)
@@ -153,6 +154,13 @@ class OutputTarget:
         self._armed = OutputDelta(delta, rows, gradient.positions)
         return self._armed
 
+    def clean_value(self, perturbation: OutputDelta) -> None:
+        """None: the weight is never written, a checkpoint holds it as it is."""
+        return None
+
+    def check_restorable(self, perturbation: OutputDelta) -> None:
+        """Deltas add up in the forward hook: they come off in any order."""
+
     def restore(self, perturbation: OutputDelta) -> None:
         """Disarm the hooks. Nothing was written, so there is nothing to copy back.
 
@@ -172,10 +180,10 @@ class OutputTarget:
                     f"share_rows=False holds one delta per token position of a batch of shape {batch}, "
                     f"but the adversarial forward looked up {tuple(ids.shape)}: run it on the same batch."
                 )
-            return armed.delta.view(*ids.shape, -1)
+            return armed.delta.view(*ids.shape, armed.delta.shape[-1])  # d named: an empty batch has no -1
         # Ids the clean pass never saw get no delta.
         delta = gather_rows(armed.delta, armed.rows.as_slots(), ids.reshape(-1).to(torch.int64))
-        return delta.view(*ids.shape, -1)
+        return delta.view(*ids.shape, armed.delta.shape[-1])
 
 
 @dataclass(frozen=True)

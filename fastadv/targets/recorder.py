@@ -12,7 +12,7 @@ from ..errors import FastAdvWarning
 from ..ops import RowSet, row_set_from_ids, rows_l2_norm
 from ..ops.backend import resolve_backend
 from .hook import subscribe
-from .tables import as_matrix, table_rows
+from .tables import as_matrix, table_rows, tied_names
 
 _ENGINE = torch.autograd.Variable._execution_engine  # queue_callback: run fn at the end of this backward
 
@@ -52,8 +52,21 @@ class LookupRecorder:
         self._count = 0  # ids in both
         self._seen: tuple[weakref.ref | None, int] = (None, 0)  # .grad and its version after the last backward
         self._warned_growth = False
+        # .grad holds rows no recorded lookup gave it (fastadv built between two accumulated micro-batches), until
+        # the gradient is next set to None.
+        self._unrecorded = False
+        self._warned_unrecorded = False
+        # Whether .grad holds rows no lookup gave it, in a backward that recorded every lookup: the table is
+        # used outside its modules (a head tied by hand, a penalty on the weight). Checked once, over the
+        # whole table, at the end of the first such backward; on CUDA read once an event says it is computed.
+        self.outside_lookups = False
+        # "pending"; (the answer in pinned host memory, the event after which it may be read) while CUDA computes
+        # it; None once read, or where it cannot be told (a tied projection, a lookup module of its own forward).
+        self._outside_check: str | tuple[torch.Tensor, torch.cuda.Event] | None = "pending"
+        self._warned_outside = False
         self.compact_at = self.COMPACT_FLOOR + 4 * table_rows(weight)
         self.padding_idx: int | None = None  # of the modules looking it up (they agree in practice)
+        self.scale_grad_by_freq = False  # likewise
         self._handles: list = []
         self.looked_up = False  # whether any forward pass has looked the table up
 
@@ -61,6 +74,9 @@ class LookupRecorder:
         """Record the lookups of ``module`` (an nn.Embedding whose weight is ``self.weight``)."""
         if self.padding_idx is None:
             self.padding_idx = module.padding_idx
+        self.scale_grad_by_freq = self.scale_grad_by_freq or module.scale_grad_by_freq
+        if type(module).forward is not nn.Embedding.forward:  # its input may not be the rows (BART's positions)
+            self._outside_check = None
         self._handles.append(subscribe(module, self._on_lookup))
 
     def remove(self) -> None:
@@ -84,7 +100,12 @@ class LookupRecorder:
             self._compact()
         # At the end of this backward, after DDP's own final callback (which writes the averaged gradient
         # into .grad): a callback queued from a final callback runs after every one queued before it.
-        _ENGINE.queue_callback(lambda: _ENGINE.queue_callback(self._remember_gradient))
+        _ENGINE.queue_callback(lambda: _ENGINE.queue_callback(self._after_backward))
+
+    def _after_backward(self) -> None:
+        self._remember_gradient()
+        if self._outside_check == "pending":
+            self._check_outside_lookups()
 
     def _remember_gradient(self) -> None:
         grad = self.weight.grad
@@ -97,8 +118,10 @@ class LookupRecorder:
         seen, version = self._seen
         if grad is None:
             changed = seen is not None
+            self._unrecorded = False
         else:
             changed = seen is None or seen() is not grad or grad._version != version
+            self._unrecorded = self._unrecorded or not self._gradient_is_recorded(grad)
         if not changed:
             return
         if grad is None or grad.is_sparse:  # no gradient left; or one that names its own rows (unread here)
@@ -130,6 +153,36 @@ class LookupRecorder:
         ready.record()
         self._checking.append((ids, host, ready))
 
+    def _check_outside_lookups(self) -> None:
+        """Whether ``.grad`` has a non-zero row (or NaN/Inf) outside the recorded ids: one pass over the whole
+        table, once, without a host sync on CUDA. Not where the recorded ids cannot be all of the rows' sources
+        (.grad held rows before this recorder's first backward) or cannot be told from other ranks' (DDP, FSDP2)."""
+        grad = self.weight.grad
+        if self._unrecorded or grad is None or grad.is_sparse or type(grad).__name__ == "DTensor" or _several_ranks():
+            return
+        ids = self.ids()
+        if ids is None:
+            return
+        rows = as_matrix(grad.detach())
+        outside = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+        outside[ids.to(device=rows.device, dtype=torch.int64)] = False
+        # The largest |value| per row: a reduction, no V x d temporary.
+        largest = torch.linalg.vector_norm(rows, float("inf"), dim=1)
+        found = torch.where(outside, largest, torch.zeros((), dtype=largest.dtype, device=largest.device)).amax() != 0
+        if not grad.is_cuda:
+            self._outside_check, self.outside_lookups = None, bool(found)
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(found, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        self._outside_check = (host, ready)
+
+    def _collect_outside_check(self) -> None:
+        check = self._outside_check
+        if isinstance(check, tuple) and check[1].query():
+            self._outside_check, self.outside_lookups = None, bool(check[0])
+
     def _collect_checks(self) -> None:
         """Drop the ids whose rows the device has found zero, put back those it found non-zero; never waits."""
         while self._checking and self._checking[0][2].query():
@@ -156,6 +209,46 @@ class LookupRecorder:
                 stacklevel=2,
             )
 
+    def _gradient_is_recorded(self, grad: torch.Tensor) -> bool:
+        """Whether ``grad`` is the tensor the last recorded backward left (perhaps modified in place since)."""
+        seen = self._seen[0]
+        return grad.is_sparse or type(grad).__name__ == "DTensor" or (seen is not None and seen() is grad)
+
+    def covers(self, grad: torch.Tensor) -> bool:
+        """Whether the recorded ids hold every row of ``grad`` (the table's ``.grad``) that can be non-zero.
+
+        Not when a backward whose lookup bypassed the module (``inputs_embeds=F.embedding(ids, weight)``)
+        made ``grad``, nor when ``grad`` held rows before this recorder saw its first backward; either way
+        once, a warning says so."""
+        self._collect_outside_check()
+        if self.outside_lookups:
+            if not self._warned_outside:
+                self._warned_outside = True
+                warnings.warn(
+                    "The embedding's gradient comes not only from its lookups: rows no lookup gave held a gradient "
+                    "at the end of a backward that recorded every lookup, so the model uses the table outside its "
+                    "nn.Embedding modules (a head tied by hand, F.linear(h, embedding.weight), or a penalty on the "
+                    "weight in the loss). Attacks on the weight read every row of the table: the snippet's "
+                    "numbers, at the snippet's cost. To perturb only the lookups, pass target='output'.",
+                    FastAdvWarning,
+                    stacklevel=2,
+                )
+            return False
+        if not self._unrecorded and self._gradient_is_recorded(grad):
+            return True
+        if not self._warned_unrecorded:
+            self._warned_unrecorded = True
+            warnings.warn(
+                "The embedding's gradient holds rows that no lookup fastadv watched gave it: a lookup bypassed "
+                "the nn.Embedding module (e.g. inputs_embeds=F.embedding(ids, weight)), or fastadv was built "
+                "between two accumulated micro-batches. Until the gradient is next set to None (zero_grad()), "
+                "attacks read every row of the table: the snippet's numbers, at the snippet's cost. Look the table "
+                "up through its module, and build fastadv before the first micro-batch of a step.",
+                FastAdvWarning,
+                stacklevel=2,
+            )
+        return False
+
     def ids(self) -> torch.Tensor | None:
         """The recorded ids, 1-D, duplicates included (None when nothing was recorded since the last reset).
 
@@ -172,6 +265,7 @@ class LookupRecorder:
         if ids is not None:
             self._ids.append(ids)
             self._count += ids.numel()
+        self._remember_gradient()  # the gradient put back is one a recorded backward made
 
     @property
     def count(self) -> int:
@@ -182,6 +276,12 @@ class LookupRecorder:
         """The recorded rows (None when nothing was recorded since the last reset)."""
         ids = self.ids()
         return None if ids is None else row_set_from_ids(ids, table_rows(self.weight))
+
+
+def _several_ranks() -> bool:
+    """Whether this process is one of several ranks (a gradient averaged over them holds other ranks' rows)."""
+    distributed = torch.distributed
+    return distributed.is_available() and distributed.is_initialized() and distributed.get_world_size() > 1
 
 
 def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:
@@ -199,5 +299,7 @@ def attach_recorders(model: nn.Module) -> dict[int, LookupRecorder]:
         recorder = recorders.get(id(weight))
         if recorder is None:
             recorder = recorders[id(weight)] = LookupRecorder(weight)
+            if tied_names(model, weight):  # a tied projection's rows are expected: the tied warning covers them
+                recorder._outside_check = None
         recorder.attach(module)
     return recorders

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..distributed import all_reduce_sum, average_rows_over_ranks, gather_ids, row_shard
-from ..errors import FrozenEmbeddingError, MissingGradientError
+from ..errors import AttackStateError, FastAdvWarning, FrozenEmbeddingError, MissingGradientError
 from ..ops import RowSet, gather_rows, row_set_from_ids, rows_backup_add, rows_pgd_step, rows_restore
 from ..ops.backend import Backend
 from .base import Gradient, Step
@@ -17,6 +19,21 @@ from .recorder import LookupRecorder
 from .tables import as_matrix
 
 OUTPUT_MODE_HINT = "perturb the embedding's output instead of its weight with target='output' (or 'auto')"
+
+
+# The weight-row perturbations in force on each table, oldest first (their saved rows). A perturbation saves
+# the rows as the ones before it left them, so they come off newest first: restoring an older one first would
+# leave the newer one's saved rows, perturbed by the older, to be written back. By the table's id (tensors
+# compare by value), forgotten with the table.
+_in_force: dict[int, list[torch.Tensor]] = {}
+
+
+def _perturbations_in_force(table: nn.Parameter) -> list[torch.Tensor]:
+    key = id(table)
+    if key not in _in_force:
+        _in_force[key] = []
+        weakref.finalize(table, _in_force.pop, key, None)
+    return _in_force[key]
 
 
 class WeightTarget:
@@ -66,7 +83,13 @@ class WeightTarget:
             if self.recorder is None:
                 raise MissingGradientError(f"'{self.name}' is not an embedding table: it has no lookups.")
             grad_set, grad = gradient_rows(
-                lookups, self.param.shape[0], self.recorder.padding_idx, True, backend, self.name
+                lookups,
+                self.param.shape[0],
+                self.recorder.padding_idx,
+                True,
+                backend,
+                self.name,
+                self.recorder.scale_grad_by_freq,
             )
             if self.group is not None:  # dL/de is this rank's own: average the rows over the ranks
                 grad, grad_set = self._averaged_over_ranks(lookups, grad, grad_set)
@@ -91,7 +114,14 @@ class WeightTarget:
                 values = grad.values()
                 grad_set = RowSet(grad.indices()[0], torch.arange(values.shape[0], device=values.device))
                 grad = values.reshape(values.shape[0], -1)
-            elif self.recorder is not None:
+            elif self.recorder is not None and not self.recorder.looked_up:
+                raise MissingGradientError(
+                    f"'{self.name}' has a gradient, but fastadv saw no lookup of it: no forward pass has looked it "
+                    "up through its nn.Embedding module since fastadv was built. Create the fastadv object before "
+                    "the forward pass whose gradient it uses, and look the table up through its module (not "
+                    "inputs_embeds=F.embedding(ids, weight))."
+                )
+            elif self.recorder is not None and self.recorder.covers(grad):
                 ids = self.recorder.ids()
                 if ids is None:
                     raise MissingGradientError(
@@ -156,7 +186,8 @@ class WeightTarget:
         backup = rows_backup_add(
             self._weight(), gradient.values, gradient.rows, step.norm, step.ok, step.size, sign, backend
         )
-        return SavedRows(gradient.rows, backup, backend)
+        _perturbations_in_force(self.param).append(backup)
+        return SavedRows(gradient.rows, backup, backend, self.param._version)
 
     def ascend(
         self, gradient: Gradient, step: Step, radius: float, backend: Backend, previous: SavedRows | None
@@ -167,11 +198,52 @@ class WeightTarget:
         backup = rows_pgd_step(
             self._weight(), gradient.values, gradient.rows, backup, step.norm, step.ok, step.size, radius, backend
         )
-        return SavedRows(gradient.rows if previous is None else previous.rows, backup, backend)
+        if previous is None:
+            _perturbations_in_force(self.param).append(backup)
+        return SavedRows(gradient.rows if previous is None else previous.rows, backup, backend, self.param._version)
+
+    def clean_value(self, saved: SavedRows) -> torch.Tensor:
+        """The parameter as it was before the perturbation, as a new tensor (V x d): what a checkpoint taken
+        while perturbed must hold."""
+        clean = self.param.detach().clone()
+        local = clean.to_local() if self.shard is not None else clean
+        matrix = as_matrix(local)
+        rows_restore(matrix, saved.backup.to(matrix.dtype), saved.rows, saved.backend)
+        return clean
+
+    def check_restorable(self, saved: SavedRows) -> None:
+        """Refuse to restore ``saved`` while a perturbation made after it is still in force on the table."""
+        in_force = _in_force.get(id(self.param), [])
+        mine = [i for i, backup in enumerate(in_force) if backup is saved.backup]
+        if mine and mine[0] != len(in_force) - 1:
+            raise AttackStateError(
+                f"{self.name}: another attack perturbed these rows after this one and has not been restored; "
+                "restoring this one first would leave the rows it saved, already perturbed, to be written back. "
+                "Restore in the reverse order of the attacks (the last attack's restore() first); nothing was "
+                "restored."
+            )
 
     def restore(self, saved: SavedRows) -> None:
-        """Copy the saved rows back into the parameter's own storage, bit for bit."""
-        rows_restore(self._weight(), saved.backup, saved.rows, saved.backend)
+        """Copy the saved rows back into the parameter's own storage, bit for bit.
+
+        Should the model have been converted since the attack (``model.half()``, ``.double()``), the saved rows
+        are converted as the conversion converted the other rows."""
+        weight = self._weight()
+        written = self.param._version != saved.version  # fastadv writes through .data: the counter misses it
+        rows_restore(weight, saved.backup.to(weight.dtype), saved.rows, saved.backend)
+        in_force = _in_force.get(id(self.param), [])
+        for i in reversed(range(len(in_force))):
+            if in_force[i] is saved.backup:
+                del in_force[i]
+                break
+        if written:  # after the rows are back, so that warnings as errors leave nothing perturbed
+            warnings.warn(
+                f"{self.name} was written between the attack and restore() (an optimizer.step() or another in-place "
+                "update): restore() puts the batch's rows back as they were before the attack, so that update is "
+                "lost on those rows. Step the optimizer after restore().",
+                FastAdvWarning,
+                stacklevel=4,
+            )
 
 
 @dataclass(frozen=True)
@@ -181,3 +253,4 @@ class SavedRows:
     rows: RowSet
     backup: torch.Tensor
     backend: Backend
+    version: int  # the parameter's version counter after the perturbation: a later write moves it
