@@ -9,6 +9,7 @@ import accuracy
 import common
 import pytest
 import record_growth
+import soak
 import step_cost
 from gpu_parts.kernels import KERNEL_LAYOUT
 from gpu_parts.step import STEP_LAYOUT
@@ -21,6 +22,7 @@ LAYOUTS = {
     "pgd.csv": common.SHAPE_LAYOUT,
     "step_cost.csv": step_cost.LAYOUT,
     "record_growth.csv": record_growth.LAYOUT,
+    "soak.csv": soak.LAYOUT,
     "accuracy.csv": accuracy.LAYOUT,
     "gpu_attack.csv": common.SHAPE_LAYOUT,
     "gpu_step.csv": STEP_LAYOUT,
