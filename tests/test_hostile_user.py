@@ -251,6 +251,34 @@ def test_public_ops_refuse_ids_outside_the_table_and_write_nothing(backend, op):
     assert torch.equal(weight, before)
 
 
+@pytest.mark.parametrize("target", ["weight", "output"])
+def test_ids_are_checked_once_where_fastadv_builds_a_row_set_not_again_by_each_op(backend, target, monkeypatch):
+    import importlib
+
+    checks = importlib.import_module("fastadv.ops.checks")
+    checked: list[str] = []
+    real = checks.check_ids
+    for module in ("checks", "row_set", "segment_sum_by_id"):  # each holds its own reference to the check
+        spy = lambda what, ids, bound: (checked.append(what), real(what, ids, bound))  # noqa: E731
+        monkeypatch.setattr(importlib.import_module(f"fastadv.ops.{module}"), "check_ids", spy)
+    model = BagOfEmbeddings(200, 16)
+    ids, labels = torch.randint(0, 200, (4, 13)), torch.randint(0, 3, (4,))
+    fgm = FGM(model, target=target)
+    bag_loss(model, ids, labels).backward()
+    fgm.attack()
+    bag_loss(model, ids, labels).backward()
+    fgm.restore()
+    # The norm, the perturbation and the restore (and output mode's re-addressing) took the row set as built.
+    assert not any(what.startswith("row_set.") for what in checked), checked
+    assert 1 <= checked.count("ids") <= 2, checked  # the record's row set, and output mode's segment sums
+
+
+def test_a_row_set_whose_known_bound_exceeds_the_matrix_is_checked_again():
+    rows = row_set_from_ids(torch.tensor([1, 12]), 20)  # checked against 20 rows, used on 10
+    with pytest.raises(IndexError, match=r"row_set\.rows .* 1 to 12, outside \[0, 10\)"):
+        rows_backup_add(torch.randn(10, 4), torch.randn(20, 4), rows, ONE, YES, 0.1)
+
+
 def test_rows_restore_refuses_a_backup_that_is_not_the_saved_rows():
     weight = torch.randn(10, 4)
     rows = row_set_from_ids(torch.tensor([1, 3]), 10)

@@ -8,7 +8,7 @@ and the row-gradient lookup.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -26,18 +26,25 @@ class RowSet:
             dense [V, D] gradient, positions in ``values`` for a sparse gradient.
         first: bool [N] or None. When given, several slots may name one row and only the flagged
             (first) slot of each row counts; None means the rows are distinct.
+        rows_below, grad_rows_below: bounds ``rows`` and ``grad_rows`` are known to lie under (in
+            ``[0, bound)``), set where fastadv built them from checked ids, so the ops do not check
+            them again on every call; None (a row set built by hand) has the ops check them.
     """
 
     rows: torch.Tensor
     grad_rows: torch.Tensor
     first: torch.Tensor | None = None
+    rows_below: int | None = field(default=None, kw_only=True, compare=False)
+    grad_rows_below: int | None = field(default=None, kw_only=True, compare=False)
 
     def __len__(self) -> int:
         return self.rows.numel()
 
     def as_slots(self) -> RowSet:
         """The same slots, read from an [N, D] matrix that holds one row per slot."""
-        return RowSet(self.rows, torch.arange(len(self), device=self.rows.device), self.first)
+        n = len(self)
+        return RowSet(self.rows, torch.arange(n, device=self.rows.device), self.first, rows_below=self.rows_below,
+                      grad_rows_below=n)  # fmt: skip
 
 
 def row_set_from_ids(ids: torch.Tensor, num_rows: int, static_shape: bool | None = None) -> RowSet:
@@ -56,9 +63,9 @@ def row_set_from_ids(ids: torch.Tensor, num_rows: int, static_shape: bool | None
         static_shape = flat.is_cuda
     if not static_shape:
         rows = torch.unique(flat)
-        return RowSet(rows, rows)
+        return RowSet(rows, rows, rows_below=num_rows, grad_rows_below=num_rows)
     slots = distinct_slots(torch.sort(flat).values, num_rows)
-    return RowSet(slots.rows, slots.rows, slots.first)
+    return RowSet(slots.rows, slots.rows, slots.first, rows_below=num_rows, grad_rows_below=num_rows)
 
 
 class DistinctSlots(NamedTuple):

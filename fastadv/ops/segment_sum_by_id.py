@@ -40,7 +40,8 @@ def _static_segments(
     if padding_idx is not None:
         end = torch.where(slots.rows == padding_idx, start, end)
     grad_rows = torch.minimum(torch.arange(m, device=flat.device), slots.slot[-1])
-    return RowSet(slots.rows, grad_rows, slots.first), order, slots.slot, start, end
+    row_set = RowSet(slots.rows, grad_rows, slots.first, rows_below=num_rows, grad_rows_below=m)
+    return row_set, order, slots.slot, start, end
 
 
 def segment_sum_by_id_reference(
@@ -56,11 +57,13 @@ def segment_sum_by_id_reference(
         static_shape = flat.is_cuda
     if not static_shape:
         rows, inverse = torch.unique(flat, return_inverse=True)
-        row_set = RowSet(rows, torch.arange(rows.numel(), device=values.device))
+        row_set = RowSet(rows, torch.arange(rows.numel(), device=values.device), rows_below=num_rows,
+                         grad_rows_below=rows.numel())  # fmt: skip
         sums = torch.zeros(rows.numel(), values.shape[1], dtype=torch.float32, device=values.device)
         sums.index_add_(0, inverse, values.float())
     elif flat.numel() == 0:
-        return RowSet(flat, flat, flat.bool()), values.new_zeros((0, values.shape[1]), dtype=torch.float32)
+        empty = RowSet(flat, flat, flat.bool(), rows_below=num_rows, grad_rows_below=0)
+        return empty, values.new_zeros((0, values.shape[1]), dtype=torch.float32)
     else:
         row_set, order, slot, _, _ = _static_segments(flat, num_rows)
         sums = torch.zeros(len(row_set), values.shape[1], dtype=torch.float32, device=values.device)

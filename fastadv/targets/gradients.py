@@ -46,7 +46,7 @@ def gradient_rows(
             f"up {len(lookups)} times in the last backward pass. Use share_rows=True."
         )
     positions = torch.arange(ids.numel(), device=ids.device)
-    return RowSet(positions, positions), grads
+    return RowSet(positions, positions, rows_below=ids.numel(), grad_rows_below=ids.numel()), grads
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor:

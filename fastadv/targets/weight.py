@@ -112,7 +112,8 @@ class WeightTarget:
             if grad.is_sparse:  # nn.Embedding(sparse=True): the gradient names its own rows
                 grad = grad.coalesce()
                 values = grad.values()
-                grad_set = RowSet(grad.indices()[0], torch.arange(values.shape[0], device=values.device))
+                grad_set = RowSet(grad.indices()[0], torch.arange(values.shape[0], device=values.device),
+                                  rows_below=grad.shape[0], grad_rows_below=values.shape[0])  # fmt: skip
                 grad = values.reshape(values.shape[0], -1)
             elif self.recorder is not None and not self.recorder.looked_up:
                 raise MissingGradientError(
@@ -132,7 +133,8 @@ class WeightTarget:
             else:
                 grad = as_matrix(grad)
                 all_rows = torch.arange(grad.shape[0], device=grad.device)
-                grad_set, dense = RowSet(all_rows, all_rows), True
+                grad_set = RowSet(all_rows, all_rows, rows_below=grad.shape[0], grad_rows_below=grad.shape[0])
+                dense = True
         if average_over_ranks:
             if self.group is None or self.shard is not None or not dense:
                 raise ValueError(
@@ -145,7 +147,8 @@ class WeightTarget:
         if within is not None:  # a PGD round: the gradient on the saved rows' slots
             saved = within.rows
             if dense:  # a dense gradient can be read at any row
-                grad_set = RowSet(saved.rows, saved.rows, saved.first)
+                grad_set = RowSet(saved.rows, saved.rows, saved.first, rows_below=saved.rows_below,
+                                  grad_rows_below=saved.rows_below)  # fmt: skip
             else:
                 grad, grad_set = gather_rows(grad, grad_set, saved.rows), saved.as_slots()
         # Under FSDP2 the norm's other terms are the other shards'.
@@ -174,7 +177,9 @@ class WeightTarget:
         start, stop = self.shard.start, self.shard.start + self.shard.rows
         keep = (rows.rows >= start) & (rows.rows < stop)  # one host sync, as gather_ids has
         first = None if rows.first is None else rows.first[keep]
-        local = RowSet(rows.rows[keep] - start, torch.arange(int(keep.sum()), device=keep.device), first)
+        kept = int(keep.sum())
+        local = RowSet(rows.rows[keep] - start, torch.arange(kept, device=keep.device), first,
+                       rows_below=self.shard.rows, grad_rows_below=kept)  # fmt: skip
         return summed[keep], local
 
     def _weight(self) -> torch.Tensor:
