@@ -564,3 +564,87 @@ def snippet_fgm_cycle(model: nn.Module, closure: Callable[[], torch.Tensor]) -> 
     adversary.attack(1.0, "emb.")
     closure().backward()
     adversary.restore("emb.")
+
+
+# ------------------------------------------------------------ 8: one NaN rule for every method
+
+# The closure calls whose backward reaches .grad, per method: the adversarial pass (FGM, PGD with K=2: its third
+# call), FreeLB's last pass, the penalized pass (exact: the only one; finite difference: the second).
+LAST_CALL = {"fgm-weight": 2, "fgm-output": 2, "pgd": 3, "freelb": 2, "gp-exact": 1, "gp-fd": 2}
+NAN_ADVERSARIES: dict[str, Callable[[nn.Module], object]] = {
+    **ADVERSARIES,
+    "pgd": lambda model: PGD(model, 0.05, 0.03, steps=2),
+}
+
+
+def grads_with_last_pass(method: str, last_pass: Callable[[torch.Tensor], torch.Tensor]) -> tuple[list, object]:
+    """The parameters' gradients after one step whose last pass's loss is ``last_pass(loss)``, and the adversary."""
+    model = tiny_bert(attention="eager")
+    adversary = NAN_ADVERSARIES[method](model)
+    ids, labels = batches(1)[0]
+    calls = []
+
+    def closure():
+        calls.append(None)
+        loss = bert_loss(model, ids, labels)
+        return last_pass(loss) if len(calls) == LAST_CALL[method] else loss
+
+    adversary.step(closure)
+    assert len(calls) == LAST_CALL[method], "the test's count of the passes is wrong"
+    return [p.grad for p in model.parameters()], adversary
+
+
+@pytest.mark.parametrize("method", list(NAN_ADVERSARIES))
+def test_a_pass_with_a_non_finite_loss_gives_grad_nothing_and_is_counted_once(backend, method):
+    poisoned, adversary = grads_with_last_pass(method, lambda loss: loss * float("inf"))
+    dropped, _ = grads_with_last_pass(method, lambda loss: loss * 0.0)  # the same pass, adding exactly nothing
+    for got, expected in zip(poisoned, dropped, strict=True):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert torch.isfinite(got).all(), "a non-finite pass reached .grad"
+            assert torch.equal(got, expected), "the pass's gradient was not dropped whole"
+    assert adversary.skipped_steps == 1
+    model = adversary.model
+    ids, labels = batches(1)[0]
+    model.zero_grad()
+    adversary.step(lambda: bert_loss(model, ids, labels))
+    assert adversary.skipped_steps == 1, "a finite step was counted"
+
+
+@pytest.mark.parametrize("method", ["fgm-weight", "fgm-output", "pgd", "freelb"])
+def test_a_finite_loss_with_non_finite_gradients_leaves_grad_finite_and_is_counted(backend, method):
+    def poisoned_gradient(loss: torch.Tensor) -> torch.Tensor:
+        never = torch.zeros_like(loss, dtype=torch.bool)
+        return loss + torch.where(never, loss * float("inf"), 0.0)  # finite value, NaN gradient
+
+    grads, adversary = grads_with_last_pass(method, poisoned_gradient)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert adversary.skipped_steps == 1
+
+
+@pytest.mark.parametrize("api", ["step", "attack-restore"])
+def test_a_huge_epsilon_whose_adversarial_pass_overflows_leaves_grad_finite_and_is_counted(backend, api):
+    model = BagOfEmbeddings()
+    ids = batches(1)[0][0]
+    fgm = FGM(model, epsilon=1e38)
+
+    def overflowing_loss(model: BagOfEmbeddings) -> torch.Tensor:
+        return model.head(model.emb(ids).sum(dim=1)).square().mean()  # rows of 1e38 summed and squared: Inf
+
+    clean = copy.deepcopy(model)
+    if api == "step":
+        fgm.step(lambda: overflowing_loss(model))
+    else:  # the user's own backward: fastadv never sees that loss, only its gradients
+        overflowing_loss(model).backward()
+        fgm.attack()
+        adversarial = overflowing_loss(model)
+        assert not torch.isfinite(adversarial), "the test's pass does not overflow"
+        adversarial.backward()
+        fgm.restore()
+    overflowing_loss(clean).backward()
+    for (name, p), q in zip(model.named_parameters(), clean.parameters(), strict=True):
+        assert torch.equal(p, q), f"{name}: not restored"
+        assert torch.isfinite(p.grad).all(), f"{name}: the overflow reached .grad"
+        if api == "step":  # the loss is fastadv's to see: the pass is dropped whole
+            assert torch.equal(p.grad, q.grad), f"{name}: the overflowing pass reached .grad"
+    assert fgm.skipped_steps == 1

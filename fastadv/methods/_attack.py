@@ -29,6 +29,7 @@ from ..targets import (
     tied_targets,
 )
 from ._common import SkipCounter
+from ._finite import FiniteGuard
 
 
 class EmbeddingAttack:
@@ -71,11 +72,14 @@ class EmbeddingAttack:
         self._table_names: dict[int, str] = {}  # id of each resolved table: its name in the model
         self._attacked: list[tuple[Target, object]] | None = None  # (target, its perturbation's handle)
         self._skipped = SkipCounter()
+        # From the attack to the restore, a pass whose loss or gradient is not finite gives .grad nothing.
+        self._guard = FiniteGuard(model, self._skipped)
         self._warned_tied = False
 
     @property
     def skipped_steps(self) -> int:
-        """Attacks skipped because the gradient held NaN/Inf. Reading it syncs with the device."""
+        """Attacks skipped because the gradient they read held NaN/Inf, or whose passes (between the attack and
+        the restore) had a non-finite loss or gradient, which then reached no ``.grad``. Reading it syncs."""
         return int(self._skipped)
 
     def remove_hooks(self) -> None:
@@ -126,6 +130,7 @@ class EmbeddingAttack:
                 raise
             remaining.pop(0)
         self._attacked = None
+        self._guard.disarm()
 
     # ------------------------------------------------------------ internals
 
@@ -223,6 +228,7 @@ class EmbeddingAttack:
             raise
         self._skipped.add(~finite)
         self._attacked = done
+        self._guard.arm()
 
     def _warn_if_tied(self, targets: list[Target]) -> None:
         for target, names in tied_targets(self.model, targets):

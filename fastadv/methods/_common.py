@@ -86,10 +86,26 @@ class SkipCounter:
 
     def __init__(self) -> None:
         self._count: torch.Tensor | None = None
+        self._last: torch.Tensor | None = None  # whether the step counted last was skipped
 
     def add(self, skipped: torch.Tensor) -> None:
-        """Count ``skipped`` (a 0-dim bool tensor, on any device) without reading it."""
+        """Count ``skipped`` (a 0-dim bool tensor, on any device) as one step, without reading it."""
         self._count = skipped.long() if self._count is None else self._count + skipped.long()
+        self._last = skipped
+
+    def begin_step(self) -> None:
+        """A new step begins: what :meth:`merge_into_last` brings next counts as a step of its own."""
+        self._last = None
+
+    def merge_into_last(self, skipped: torch.Tensor) -> None:
+        """``skipped`` for the step counted last: counted only if that step was not (one step, one count)."""
+        if self._last is None:
+            self.add(skipped)
+            return
+        skipped = skipped.to(self._last.device, non_blocking=True)
+        assert self._count is not None
+        self._count = self._count + (skipped & ~self._last).long()
+        self._last = self._last | skipped
 
     def __int__(self) -> int:
         return 0 if self._count is None else int(self._count)

@@ -153,7 +153,9 @@ class FGM(EmbeddingAttack):
             backward(loss)
             self.attack()
         try:
-            backward(check_loss(closure(), "closure()"))
+            adversarial = check_loss(closure(), "closure()")
+            self._guard.loss(adversarial)  # not finite: the pass gives .grad nothing
+            backward(adversarial)
         finally:
             self.restore()
         return loss.detach()

@@ -13,6 +13,7 @@ from ..distributed import DataParallelBinding, data_parallel_wrapper
 from ..errors import EmbeddingNotFoundError, MissingGradientError
 from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
+from ._finite import FiniteGuard
 
 FreeLBNorm = Literal["l2", "linf"]
 
@@ -55,7 +56,9 @@ class FreeLB:
     (left as it is). For half-precision embeddings delta is kept and updated in fp32 and added in the
     output's dtype. The ascent divides by the norm of g, so a loss scale (GradScaler) does not change it;
     an ascent step whose g holds NaN/Inf (e.g. an fp16 overflow) is skipped on the device, delta kept,
-    and counted in :attr:`skipped_steps`.
+    and a pass whose loss or parameter gradient is not finite gives ``.grad`` nothing (in fp16 its
+    gradients are left for the loss scaler, which skips the update; see ``fastadv.methods._finite``);
+    a step with either is counted once in :attr:`skipped_steps`.
 
     Dropout: the published code also reuses the dropout masks of the first pass in the K passes (their
     modified model, ``dp_masks``). Stock transformers models cannot do that, so with dropout each pass
@@ -114,6 +117,7 @@ class FreeLB:
         self._weight = table.weight
         self._data_parallel = DataParallelBinding(model)  # a DeepSpeed engine: every pass but the last accumulates
         self._skipped = SkipCounter()
+        self._guard = FiniteGuard(model, self._skipped)  # the adversarial passes: non-finite gives .grad nothing
         # Per-step state, set only inside step().
         self._active = False
         self._lookups = 0  # lookups in the current pass
@@ -168,6 +172,8 @@ class FreeLB:
                 backward(loss)
             total = loss.detach()
         self._mask, self._deltas = attention_mask, []
+        self._skipped.begin_step()
+        self._guard.arm()
         try:
             for astep in range(self.adv_steps):
                 self._lookups, self._active, self._first_pass = 0, True, astep == 0
@@ -189,6 +195,7 @@ class FreeLB:
                     )
                 loss = loss / self.adv_steps
                 last = astep == self.adv_steps - 1
+                self._guard.loss(loss)
                 with contextlib.nullcontext() if last else self._data_parallel.accumulate_only():
                     backward(loss)
                 total = loss.detach() if total is None else total + loss.detach()
@@ -207,12 +214,14 @@ class FreeLB:
                 ]
         finally:
             self._mask, self._deltas = None, []
+            self._guard.disarm()
         assert total is not None
         return total
 
     @property
     def skipped_steps(self) -> int:
-        """Ascent steps skipped (delta kept) because dL/d delta held NaN/Inf. Reading it syncs with the device."""
+        """Steps with an ascent skipped (delta kept) because dL/d delta held NaN/Inf, or an adversarial pass whose
+        non-finite loss or gradient reached no ``.grad``; each step counted once. Reading it syncs with the device."""
         return int(self._skipped)
 
     def remove_hooks(self) -> None:
@@ -293,7 +302,7 @@ class FreeLB:
             if self.adv_max_norm > 0:
                 moved = moved.clamp(-self.adv_max_norm, self.adv_max_norm)
         finite = torch.isfinite(grad).all()
-        self._skipped.add(~finite)
+        self._skipped.merge_into_last(~finite)  # one count per step
         return torch.where(finite, moved, delta)  # on the device: no host sync
 
 

@@ -12,6 +12,7 @@ from ..distributed import DataParallelBinding, data_parallel_wrapper, wrapper_gr
 from ..errors import FastAdvError, MissingGradientError
 from ..targets import LookupEdges, RowGradientHooks, data_parallel_seen, named_tables
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
+from ._finite import FiniteGuard
 
 Mode = Literal["finite_difference", "exact"]
 
@@ -56,6 +57,7 @@ class GradientPenalty:
         self._data_parallel = DataParallelBinding(model)  # its ranks divide epsilon (see _rank_epsilon)
         self._row_gradients = RowGradientHooks(model)  # passes into a dense .grad add the table's gradient as rows
         self._skipped = SkipCounter()
+        self._guard = FiniteGuard(model, self._skipped)  # a step whose loss or gradient is not finite: .grad untouched
 
     def bind_data_parallel(self, model: nn.Module) -> None:
         """Use the DeepSpeed engine (or DDP wrapper) of ``model``, made after this object was built: its ranks
@@ -95,19 +97,13 @@ class GradientPenalty:
             )
         for recorded in self._edges:
             recorded.clear()  # only this closure's lookups count
+        self._skipped.begin_step()
         if self.mode == "exact":
-            loss = check_loss(closure(), "closure()")
+            self._guard.arm()
             try:
-                backward(loss + self.penalty(loss))
-            except RuntimeError as err:
-                if "derivative for" in str(err) or "double backward" in str(err):
-                    raise FastAdvError(
-                        "GradientPenalty(mode='exact') needs a double backward, and this model has an op without "
-                        f"one ({err}). Use mode='finite_difference' (one extra pass, no double backward), or an "
-                        "implementation of that op that supports it (e.g. attn_implementation='eager')."
-                    ) from err
-                raise
-            return loss.detach()
+                return self._exact_step(closure, backward)
+            finally:
+                self._guard.disarm()
         # A pass for dL/de alone: DDP does not arm its all-reduce, a DeepSpeed engine starts no backward of its own.
         with self._data_parallel.output_gradient_pass():
             loss = check_loss(closure(), "closure()")
@@ -119,7 +115,7 @@ class GradientPenalty:
         present = [g for g in grads if g is not None]
         # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
         finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
-        self._skipped.add(~finite)
+        self._skipped.merge_into_last(~finite)
         # autograd.grad's results are ours: scale them in place, zeroed on a skip.
         epsilon = self._rank_epsilon()
         deltas = [None if g is None else g.mul_(epsilon).masked_fill_(~finite, 0.0) for g in grads]
@@ -129,12 +125,35 @@ class GradientPenalty:
                 count = len(recorded.edges)
                 stack.enter_context(recorded.adding(deltas[start : start + count]))
                 start += count
-            backward(check_loss(closure(), "closure()"))
+            self._guard.arm()
+            stack.callback(self._guard.disarm)
+            perturbed = check_loss(closure(), "closure()")
+            self._guard.loss(perturbed)  # not finite: the pass gives .grad nothing
+            backward(perturbed)
+        return loss.detach()
+
+    def _exact_step(self, closure: Closure, backward: BackwardFn) -> torch.Tensor:
+        """The exact step's one pass: backward of loss + penalty, guarded (armed by the caller)."""
+        loss = check_loss(closure(), "closure()")
+        penalized = loss + self.penalty(loss)
+        self._guard.loss(penalized)  # not finite: the step gives .grad nothing
+        try:
+            backward(penalized)
+        except RuntimeError as err:
+            if "derivative for" in str(err) or "double backward" in str(err):
+                raise FastAdvError(
+                    "GradientPenalty(mode='exact') needs a double backward, and this model has an op without "
+                    f"one ({err}). Use mode='finite_difference' (one extra pass, no double backward), or an "
+                    "implementation of that op that supports it (e.g. attn_implementation='eager')."
+                ) from err
+            raise
         return loss.detach()
 
     @property
     def skipped_steps(self) -> int:
-        """Finite-difference steps whose dL/de held NaN/Inf (penalty skipped). Reading it syncs."""
+        """Steps whose dL/de held NaN/Inf (finite difference: penalty skipped), or whose penalized (exact) or
+        perturbed (finite difference) pass had a non-finite loss or gradient, which then reached no ``.grad``.
+        Each step counted once; reading it syncs."""
         return int(self._skipped)
 
     def remove_hooks(self) -> None:

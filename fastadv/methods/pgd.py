@@ -203,7 +203,9 @@ class PGD(EmbeddingAttack):
             for t in range(self.steps):
                 self._ascend(targets, self.epsilon, self.alpha, gradients)
                 if t == self.steps - 1:
-                    backward(check_loss(closure(), "closure()"))
+                    adversarial = check_loss(closure(), "closure()")
+                    self._guard.loss(adversarial)  # not finite: the pass gives .grad nothing
+                    backward(adversarial)
                 else:
                     gradients = self._output_gradients(targets, lookups, closure, scaler)
         finally:
