@@ -14,13 +14,16 @@ from .errors import (
     ReentrantCheckpointError,
     WeightRowsUnavailableError,
 )
-from .methods import FGM, PGD, FreeLB, GradientPenalty
+from .methods import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FGM",
     "PGD",
+    "R3F",
+    "SMART",
+    "VAT",
     "AttackStateError",
     "BackendError",
     "EmbeddingNotFoundError",

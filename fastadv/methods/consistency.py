@@ -1,0 +1,546 @@
+"""The output-consistency family: VAT, SMART and R3F, a divergence of the model's outputs under a perturbation
+of the word-embedding output, added to the task loss.
+
+Each perturbs the raw lookup ``weight[ids]`` of the input embedding, one vector per token position
+(B x T x d, for ids of shape B x T), in the forward hook every fastadv method uses: no ``inputs_embeds``,
+the weight never written, so frozen (LoRA/PEFT), tied and shared tables work and every lookup of the
+table gets its own delta. The closure returns what the term needs (see :func:`loss_and_logits`); the
+divergences are taken over the logits' last dimension in fp32 and averaged over the positions, those of
+``attention_mask`` when the logits are per token (see :func:`kl_divergence`).
+
+Passes per step, and where they stop short of the parameters:
+
+- R3F: the clean forward, one forward at ``e + noise``, one backward of ``loss + weight * sym KL``.
+- VAT: the clean forward; ``power_iterations`` forwards at ``e + r``, each with a backward to r alone
+  (``torch.autograd.grad``: no parameter gradient is computed); one forward at ``e + r_adv``; one
+  backward of ``loss + weight * KL``.
+- SMART: as VAT, with ``steps`` ascent passes and a symmetric KL.
+
+The clean forward is the task loss's own: a step costs the plain step plus the passes above, and nothing
+that grows with the vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..distributed import DataParallelBinding, data_parallel_wrapper
+from ..errors import FastAdvError, MissingGradientError
+from ..targets import RowGradientHooks, lookup_scale, on_output, subscribe
+from ._common import BackwardFn, SkipCounter, check_epsilon, plain_backward
+from ._finite import FiniteGuard
+from .freelb import _word_embedding
+
+OutputClosure = Callable[[], object]
+Norm = Literal["l2", "linf"]
+
+
+def loss_and_logits(output: object) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The task loss (or None) and the logits of what a closure returned.
+
+    Accepted: a Hugging Face ``ModelOutput`` or any mapping with ``"logits"`` (and ``"loss"`` where there is
+    one); a pair ``(loss, outputs)`` as ``Trainer.compute_loss(..., return_outputs=True)`` gives it, with
+    outputs such a mapping or the logits tensor; or the logits tensor alone (no task loss: the term alone is
+    trained, as for unlabeled data). Logits are B x C or B x T x C.
+    """
+    loss: object = None
+    if isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+        loss, output = output
+    if isinstance(output, Mapping):
+        if "logits" not in output:
+            keys = ", ".join(repr(k) for k in output.keys())
+            raise TypeError(
+                f"the closure returned a mapping without 'logits' (keys: {keys}): the divergence needs the model's "
+                "logits; return the model's output (e.g. model(**batch)) or (loss, logits)."
+            )
+        loss = output.get("loss") if loss is None else loss
+        output = output["logits"]
+    if not isinstance(output, torch.Tensor) or output.dim() < 2:
+        found = (
+            f"a tensor of shape {tuple(output.shape)}" if isinstance(output, torch.Tensor) else type(output).__name__
+        )
+        raise TypeError(
+            f"the closure returned {found}, and VAT, SMART and R3F need the logits (B x C or B x T x C) to compare "
+            "the outputs under the perturbation: return the model's output (model(**batch), a ModelOutput with "
+            ".logits and .loss), or (loss, logits), or the logits alone."
+        )
+    if loss is not None and (not isinstance(loss, torch.Tensor) or loss.numel() != 1):
+        raise TypeError(f"the closure's loss must be a scalar tensor, found {type(loss).__name__}.")
+    return loss, output
+
+
+def kl_divergence(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(p || q) over the last dimension, in fp32, averaged over the positions (every dimension but the last).
+
+    Args:
+        p_logits, q_logits: B x C or B x T x C, the same shape.
+        attention_mask: B x T (0/1), for B x T x C logits: the positions averaged over; None: all of them.
+
+    Returns a 0-dim fp32 tensor: ``sum_c p_c (log p_c - log q_c)``, the mean over the (masked) positions.
+    """
+    log_p = torch.log_softmax(p_logits.float(), dim=-1)
+    log_q = torch.log_softmax(q_logits.float(), dim=-1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if attention_mask is None or per_position.dim() != attention_mask.dim():
+        return per_position.mean()
+    mask = attention_mask.to(per_position.dtype)
+    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+
+
+class _Consistency:
+    """What VAT, SMART and R3F share: the delta hook, the closure's outputs, the combined backward."""
+
+    method = ""
+
+    def __init__(self, model: nn.Module, weight: float, emb_name: str | None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{self.method} needs the nn.Module being trained, found {type(model).__name__}.")
+        self.model = model
+        self.weight = check_epsilon(weight, "weight")
+        self.emb_name = emb_name
+        table = _word_embedding(model, emb_name)
+        self.name, self.modules = table.name, [m for _, m in table.modules]
+        self._table = table.weight
+        _refuse_sharded(self._table, self.method)
+        self._data_parallel = DataParallelBinding(model)
+        self._skipped = SkipCounter()
+        self._guard = FiniteGuard(model, self._skipped)  # the combined backward: non-finite gives .grad nothing
+        # Per-pass state, set only inside step().
+        self._deltas: list[torch.Tensor] = []  # fp32, one per lookup, B x T x d; empty: drawn at the next lookups
+        self._draw: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None  # while perturbing
+        self._lookups = 0
+        self._active = False  # a perturbed pass is running
+        self._probe = False  # its deltas are leaves whose gradient the pass takes
+        self._mask: torch.Tensor | None = None
+        self._handles = [subscribe(m, self._on_lookup) for m in self.modules]
+        self._row_gradients = RowGradientHooks(model)
+
+    def bind_data_parallel(self, model: nn.Module) -> None:
+        """Use the DDP wrapper of ``model``, made after this object was built (its inner passes run under
+        ``no_sync()``). A DeepSpeed engine is refused."""
+        wrapper = data_parallel_wrapper(model)
+        _refuse_deepspeed(wrapper, self.method)
+        self._data_parallel.bind(wrapper)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose ascent gradient (VAT, SMART) held NaN/Inf (the perturbation then left as it was, see the
+        class), or whose combined loss or gradient was not finite (nothing of it reached ``.grad``); each
+        counted once. Reading it syncs."""
+        return int(self._skipped)
+
+    def remove_hooks(self) -> None:
+        """Remove the forward hooks from the embedding; step() then raises."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._row_gradients.remove()
+
+    def step(
+        self,
+        closure: OutputClosure,
+        backward: BackwardFn | None = None,
+        attention_mask: torch.Tensor | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        enabled: bool = True,
+    ) -> torch.Tensor:
+        """One step's passes; the gradient of ``loss + weight * term`` accumulates in ``.grad``, the optimizer
+        step is yours.
+
+        Args:
+            closure: one forward pass of the model on the batch, returning its output (a ModelOutput with
+                ``.logits`` and ``.loss``, ``(loss, logits)``, or the logits alone: see
+                :func:`loss_and_logits`); called once per pass, on the same batch each time.
+            backward: backpropagates a loss, default ``loss.backward()``; e.g. ``accelerator.backward`` or
+                ``lambda loss: scaler.scale(loss).backward()``.
+            attention_mask: B x T, 0/1: the positions the divergence averages over (per-token logits) and, for
+                VAT, the positions its perturbation lives on.
+            scaler: under fp16 autocast, the GradScaler: the inner passes (VAT, SMART) then scale their
+                divergence so that small gradients do not underflow; the direction is the same.
+            enabled: False: a plain step (one forward, one backward of the task loss), for a warm-up before
+                the adversary starts.
+
+        Returns:
+            The task loss, detached (the term alone when the closure gives no loss).
+        """
+        if not self._handles:
+            raise RuntimeError(
+                f"{self.method}'s hooks were removed by remove_hooks(): create a new {self.method} to train with it."
+            )
+        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+            raise TypeError(
+                f"attention_mask must be a B x T tensor of 0/1 (or None), found {type(attention_mask).__name__}."
+            )
+        backward = backward or plain_backward
+        _refuse_deepspeed(self._data_parallel.wrapper, self.method)
+        loss, clean = loss_and_logits(closure())
+        if not enabled:
+            if loss is None:
+                raise TypeError(
+                    f"{self.method}.step(enabled=False) runs a plain step on the task loss, and the closure gave "
+                    "none: return the model's output with its loss (pass labels), or (loss, logits)."
+                )
+            backward(loss)
+            return loss.detach()
+        self._mask = attention_mask
+        self._skipped.begin_step()
+        try:
+            term = self._term(closure, clean, scaler)
+        finally:
+            self._mask, self._deltas, self._draw = None, [], None
+        total = self.weight * term if loss is None else loss + self.weight * term
+        self._guard.arm(total)  # not finite: the step gives .grad nothing, and is counted
+        try:
+            backward(total)
+        finally:
+            self._guard.disarm()
+        return (term if loss is None else loss).detach()
+
+    def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ passes
+
+    def _perturbed_logits(
+        self,
+        closure: OutputClosure,
+        draw: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None,
+        probe: bool = False,
+    ) -> torch.Tensor:
+        """The logits of a forward at ``e + delta``: ``draw(ids, output, index)`` makes each lookup's delta at
+        the step's first perturbed pass; later passes use ``self._deltas`` as set between them. ``probe``: the
+        deltas are made leaves that require grad (an inner pass takes the gradient to them)."""
+        self._lookups, self._draw, self._probe = 0, draw if not self._deltas else None, probe
+        self._active = True
+        try:
+            _, logits = loss_and_logits(closure())
+        finally:
+            self._active = False
+        if self._lookups == 0:
+            raise MissingGradientError(
+                f"closure() never looked up '{self.name}', so the perturbation never reached the forward pass: "
+                f"the closure must run the model's forward pass on the batch (create {self.method} on the model "
+                "the closure runs, and pass emb_name= if the input embedding is another module)."
+            )
+        if self._lookups != len(self._deltas):
+            raise RuntimeError(
+                f"closure() looked up '{self.name}' {self._lookups} times, the first perturbed pass of this step "
+                f"{len(self._deltas)} times: the closure must run the same forward pass every time."
+            )
+        return logits
+
+    def _ascent_gradients(
+        self, divergence: torch.Tensor, scaler: torch.amp.GradScaler | None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """d divergence / d delta for each lookup (zeros where it does not reach), and whether all are finite
+        (0-dim bool): ``torch.autograd.grad`` to the deltas alone, no parameter gradient."""
+        scaled = divergence if scaler is None else scaler.scale(divergence)
+        try:
+            grads = torch.autograd.grad(scaled, self._deltas, allow_unused=True)
+        except RuntimeError as err:
+            if ".grad()" in str(err) and "checkpoint" in str(err).lower():
+                raise FastAdvError(
+                    f"{self.method}'s inner passes take the gradient with respect to the perturbation alone "
+                    "(torch.autograd.grad), which reentrant activation checkpointing refuses: checkpoint with "
+                    "use_reentrant=False."
+                ) from err
+            raise
+        grads = [torch.zeros_like(d) if g is None else g.float() for d, g in zip(self._deltas, grads, strict=True)]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        self._skipped.merge_into_last(~finite)  # one count per step
+        return grads, finite
+
+    def _inner_pass(self, closure: OutputClosure, draw, clean: torch.Tensor, scaler) -> tuple:
+        """A forward at ``e + delta`` and the gradient of KL(p_clean || p_delta) to delta alone."""
+        with self._data_parallel.output_gradient_pass():  # DDP: this forward arms no all-reduce
+            logits = self._perturbed_logits(closure, draw, probe=True)
+            divergence = kl_divergence(clean.detach(), logits, self._mask_for(clean))
+            return self._ascent_gradients(divergence, scaler)
+
+    def _mask_for(self, logits: torch.Tensor) -> torch.Tensor | None:
+        mask = self._mask
+        if mask is None or logits.dim() != 3:
+            return None
+        if tuple(mask.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"attention_mask has shape {tuple(mask.shape)}, the logits {tuple(logits.shape)}: pass the batch's "
+                "B x T attention mask."
+            )
+        return mask.to(logits.device)
+
+    def _on_lookup(self, module: nn.Module, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        if not self._active:
+            return None
+        index, self._lookups = self._lookups, self._lookups + 1
+        if self._draw is not None:
+            if ids.dim() != 2:
+                raise ValueError(
+                    f"{self.method} perturbs a batch of token sequences, ids of shape B x T, but '{self.name}' was "
+                    f"looked up with ids of shape {tuple(ids.shape)}: flatten the batch to B x T first."
+                )
+            self._deltas.append(self._draw(ids.detach(), output, index))
+        elif index >= len(self._deltas) or self._deltas[index].shape != output.shape:
+            raise RuntimeError(
+                f"closure() looked up '{self.name}' differently from the first perturbed pass of this step (lookup "
+                f"{index + 1}, output shape {tuple(output.shape)}): the closure must run the same batch every time."
+            )
+        delta = self._deltas[index].requires_grad_() if self._probe else self._deltas[index]
+        return output + on_output(delta, lookup_scale(module, ids.detach(), output)).to(output.dtype)
+
+    def _positions(self, ids: torch.Tensor, module_index: int) -> torch.Tensor:
+        """B x T x 1, fp32: the positions a perturbation lives on (the first lookup's attention mask, else the
+        non-padding ids, else all)."""
+        mask = self._mask if module_index == 0 and self._mask is not None else None
+        if mask is not None:
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(mask.shape)}, the ids looked up in '{self.name}' have shape "
+                    f"{tuple(ids.shape)}: pass the batch's B x T attention mask."
+                )
+        else:
+            padding_idx = getattr(self.modules[0], "padding_idx", None)
+            mask = ids != padding_idx if padding_idx is not None else torch.ones_like(ids, dtype=torch.bool)
+        return mask.to(device=ids.device, dtype=torch.float32).unsqueeze(-1)
+
+
+def _sequence_unit(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask * x`` divided by its L2 norm per sequence (over T x d); a zero sequence stays zero."""
+    x = x * mask
+    norm = torch.linalg.vector_norm(x.flatten(1), dim=1).view(-1, *([1] * (x.dim() - 1)))
+    return x / norm.clamp(min=1e-12)
+
+
+class R3F(_Consistency):
+    """R3F (Aghajanyan et al., ICLR 2021): noise on the embedding, a symmetric KL of the outputs added to the loss.
+
+    Per step: noise from N(0, epsilon^2) (``noise="normal"``) or U(-epsilon, epsilon) (``"uniform"``, fairseq's
+    default) on every position of the raw lookup (B x T x d, fp32, drawn at the lookup); the loss is
+    ``loss + weight * (KL(p || p_noisy) + KL(p_noisy || p))``, both sides trained (fairseq
+    ``examples/rxf``), each KL as :func:`kl_divergence` (mean over the positions).
+
+    Passes: the clean forward (the task loss's), one noisy forward, one backward of the sum: no backward
+    beyond the combined loss's.
+
+    Args:
+        model: the model being trained; the hook on its input embedding is registered here.
+        epsilon: the noise's scale.
+        weight: lambda, the factor of the symmetric KL.
+        noise: "uniform" or "normal".
+        emb_name: None for the input embedding; a string for the one table whose name contains it.
+
+    Usage::
+
+        r3f = R3F(model, epsilon=1e-5)
+        for batch in loader:
+            optimizer.zero_grad()
+            r3f.step(lambda: model(**batch), attention_mask=batch["attention_mask"])
+            optimizer.step()
+    """
+
+    method = "R3F"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float = 1e-5,
+        weight: float = 1.0,
+        noise: Literal["uniform", "normal"] = "uniform",
+        emb_name: str | None = None,
+    ) -> None:
+        if noise not in ("uniform", "normal"):
+            raise ValueError(f"noise must be 'uniform' or 'normal', found {noise!r}.")
+        self.epsilon = check_epsilon(epsilon)
+        self.noise = noise
+        super().__init__(model, weight, emb_name)
+
+    def __repr__(self) -> str:
+        return f"R3F(epsilon={self.epsilon}, weight={self.weight}, noise={self.noise!r}, embedding={self.name!r})"
+
+    def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+        noisy = self._perturbed_logits(closure, self._draw_noise)
+        mask = self._mask_for(clean)
+        return kl_divergence(clean, noisy, mask) + kl_divergence(noisy, clean, mask)
+
+    def _draw_noise(self, ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
+        shape, device = output.shape, output.device
+        if self.noise == "normal":
+            return torch.randn(shape, device=device) * self.epsilon
+        return torch.empty(shape, device=device).uniform_(-self.epsilon, self.epsilon)
+
+
+class VAT(_Consistency):
+    """Virtual adversarial training (Miyato et al., 2017) on the word-embedding output.
+
+    Per step, with the clean logits p (the task loss's forward, held fixed in the term):
+
+    1. d from N(0, 1) on the positions of the mask (B x T x d), r = xi * d / ||d||, the norm per sequence.
+    2. ``power_iterations`` times: g = d KL(p || p(e + r)) / d r, r = xi * g / ||g|| (a forward at e + r and a
+       gradient to r alone); the last g gives r_adv = epsilon * g / ||g||.
+    3. The loss is ``loss + weight * KL(p || p(e + r_adv))``, p detached there (Miyato's stop-gradient).
+
+    The mask: ``attention_mask`` given to step() (B x T) at the first lookup; else the non-padding ids; else
+    every position. A g that holds NaN/Inf (an fp16 overflow) leaves r_adv at zero (the term is then zero),
+    counted in :attr:`skipped_steps`.
+
+    Passes: the clean forward, ``power_iterations`` forwards each with a backward to r alone (no parameter
+    gradient), one forward at r_adv, one backward of the sum.
+
+    Args:
+        model: the model being trained.
+        epsilon: the norm of r_adv per sequence.
+        xi: the norm of the probe r per sequence (finite-difference size of the power iteration).
+        power_iterations: K >= 1.
+        weight: alpha, the factor of the KL.
+        emb_name: None for the input embedding; a string for the one table whose name contains it.
+    """
+
+    method = "VAT"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float = 1.0,
+        xi: float = 1e-1,
+        power_iterations: int = 1,
+        weight: float = 1.0,
+        emb_name: str | None = None,
+    ) -> None:
+        self.epsilon = check_epsilon(epsilon)
+        self.xi = check_epsilon(xi, "xi")
+        self.power_iterations = _check_steps(power_iterations, "power_iterations")
+        super().__init__(model, weight, emb_name)
+
+    def __repr__(self) -> str:
+        return (
+            f"VAT(epsilon={self.epsilon}, xi={self.xi}, power_iterations={self.power_iterations}, "
+            f"weight={self.weight}, embedding={self.name!r})"
+        )
+
+    def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+        masks: list[torch.Tensor] = []
+
+        def draw(ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
+            masks.append(self._positions(ids, index))
+            return self.xi * _sequence_unit(torch.randn(output.shape, device=output.device), masks[-1])
+
+        finite = None
+        for k in range(self.power_iterations):
+            grads, finite = self._inner_pass(closure, draw if k == 0 else None, clean, scaler)
+            size = self.epsilon if k == self.power_iterations - 1 else self.xi
+            self._deltas = [
+                torch.where(finite, size * _sequence_unit(g, m), 0.0) for g, m in zip(grads, masks, strict=True)
+            ]
+        adversarial = self._perturbed_logits(closure, None)
+        return kl_divergence(clean.detach(), adversarial, self._mask_for(clean))
+
+
+class SMART(_Consistency):
+    """SMART's adversarial smoothness term (Jiang et al., ACL 2020) on the word-embedding output.
+
+    Per step, with the clean logits p:
+
+    1. noise from N(0, noise_var^2) on every position (B x T x d), as mt-dnn and smart-pytorch draw it.
+    2. ``steps`` times: g = d KL(p || p(e + noise)) / d noise (p held fixed; a gradient to noise alone), then
+       the projected ascent per token: ``noise + step_size * g / ||g||`` (``norm``: l2, or linf, g / max|g|),
+       projected onto the ball ``||noise|| <= epsilon`` (l2: rescaled; linf: clamped).
+    3. The loss is ``loss + weight * (KL(p.detach() || p_adv) + KL(p_adv.detach() || p))``: the symmetric KL of
+       the published code, each side trained through the other's fixed copy.
+
+    A g that holds NaN/Inf leaves the noise as it was, counted in :attr:`skipped_steps`. The Bregman
+    proximal point (the momentum teacher of the paper's second term) is not part of this class.
+
+    Passes: the clean forward, ``steps`` forwards each with a backward to the noise alone, one forward at
+    the final noise, one backward of the sum.
+
+    Args:
+        model: the model being trained.
+        epsilon: the radius of the ball the noise is projected onto, per token.
+        step_size: the ascent step.
+        noise_var: the scale of the random start.
+        steps: ascent steps K >= 1.
+        norm: "l2" or "linf", the norm of the ascent and the ball.
+        weight: lambda_s, the factor of the symmetric KL.
+        emb_name: None for the input embedding; a string for the one table whose name contains it.
+    """
+
+    method = "SMART"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        epsilon: float = 1e-5,
+        step_size: float = 1e-3,
+        noise_var: float = 1e-5,
+        steps: int = 1,
+        norm: Norm = "linf",
+        weight: float = 1.0,
+        emb_name: str | None = None,
+    ) -> None:
+        if norm not in ("l2", "linf"):
+            raise ValueError(f"norm must be 'l2' or 'linf', found {norm!r}.")
+        self.epsilon = check_epsilon(epsilon)
+        self.step_size = check_epsilon(step_size, "step_size")
+        self.noise_var = check_epsilon(noise_var, "noise_var")
+        self.steps = _check_steps(steps, "steps")
+        self.norm: Norm = norm
+        super().__init__(model, weight, emb_name)
+
+    def __repr__(self) -> str:
+        return (
+            f"SMART(epsilon={self.epsilon}, step_size={self.step_size}, noise_var={self.noise_var}, "
+            f"steps={self.steps}, norm={self.norm!r}, weight={self.weight}, embedding={self.name!r})"
+        )
+
+    def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
+        def draw(ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
+            return torch.randn(output.shape, device=output.device) * self.noise_var
+
+        for k in range(self.steps):
+            grads, finite = self._inner_pass(closure, draw if k == 0 else None, clean, scaler)
+            self._deltas = [
+                torch.where(finite, self._ascend(d.detach(), g), d.detach())
+                for d, g in zip(self._deltas, grads, strict=True)
+            ]
+        adversarial = self._perturbed_logits(closure, None)
+        mask = self._mask_for(clean)
+        return kl_divergence(clean.detach(), adversarial, mask) + kl_divergence(adversarial.detach(), clean, mask)
+
+    def _ascend(self, noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """One projected ascent step per token (over the last dimension)."""
+        order = 2 if self.norm == "l2" else math.inf
+        g_norm = torch.linalg.vector_norm(grad, ord=order, dim=-1, keepdim=True).clamp(min=1e-12)
+        moved = noise + self.step_size * grad / g_norm
+        if self.norm == "linf":
+            return moved.clamp(-self.epsilon, self.epsilon)
+        m_norm = torch.linalg.vector_norm(moved, dim=-1, keepdim=True)
+        return moved * torch.where(m_norm > self.epsilon, self.epsilon / m_norm.clamp(min=1e-12), 1.0)
+
+
+def _check_steps(value: int, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1 (forward passes per step), found {value!r}.")
+    return value
+
+
+def _refuse_sharded(weight: torch.Tensor, method: str) -> None:
+    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
+        raise NotImplementedError(
+            f"{method} is tested on one process and under DDP; this embedding is sharded (FSDP2 or DeepSpeed "
+            "ZeRO-3), where its several forwards before one backward are not tested yet. Use DDP, or FGM, PGD, "
+            "FreeLB or GradientPenalty there."
+        )
+
+
+def _refuse_deepspeed(wrapper: object, method: str) -> None:
+    if type(wrapper).__name__ == "DeepSpeedEngine":
+        raise NotImplementedError(
+            f"{method} under a DeepSpeed engine is not tested yet (its several forwards before one engine backward): "
+            "use DDP, or FGM, PGD, FreeLB or GradientPenalty with DeepSpeed."
+        )
