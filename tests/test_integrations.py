@@ -17,7 +17,8 @@ from conftest import relative_difference
 from models import VOCAB, tiny_bert
 from torch import nn
 
-from fastadv import FGM, PGD, FreeLB, GradientPenalty
+import fastadv.methods.consistency as consistency
+from fastadv import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
 
 MICRO, ACCUM, STEPS, SEQ, LR = 2, 2, 3, 11, 0.1
 MATCH = 1e-5  # relative difference of the weight updates, Trainer/Lightning against the hand loop
@@ -167,20 +168,24 @@ METHODS = {
 }
 
 
+def masks_given_to_step(adversary: object) -> list:
+    """The attention_mask each call of ``adversary.step`` gets, recorded in the list returned."""
+    masks, step = [], adversary.step
+
+    def spy(closure, backward=None, attention_mask=None, **kwargs):
+        masks.append(attention_mask)
+        return step(closure, backward=backward, attention_mask=attention_mask, **kwargs)
+
+    adversary.step = spy
+    return masks
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_trainer_with_other_methods_trains_to_the_hand_loops_weights(tmp_path, method):
     model, reference, plain = bert(), bert(), bert()
     initial = flat(model)
     adversary = METHODS[method](model)
-    masks = []
-    if isinstance(adversary, FreeLB):  # the batch's attention mask must reach FreeLB.step
-        step = adversary.step
-
-        def spy(closure, backward=None, attention_mask=None):
-            masks.append(attention_mask)
-            return step(closure, backward=backward, attention_mask=attention_mask)
-
-        adversary.step = spy
+    masks = masks_given_to_step(adversary) if isinstance(adversary, FreeLB) else []  # the batch's mask reaches it
     adversarial_trainer(model, adversary, tmp_path).train()
 
     hand_loop(reference, step_with(METHODS[method](reference)), divide=False)
@@ -232,7 +237,7 @@ def test_trainer_refuses_a_missing_adversary_or_one_on_another_model(tmp_path):
     model = bert()
     with pytest.raises(TypeError, match="needs adversary="):
         AdversarialTrainer(model=model, args=training_args(tmp_path))
-    with pytest.raises(TypeError, match="FGM, PGD, FreeLB or GradientPenalty, found Adam"):
+    with pytest.raises(TypeError, match="FGM, PGD, FreeLB, GradientPenalty, VAT, SMART or R3F, found Adam"):
         AdversarialTrainer(adversary=torch.optim.Adam(model.parameters()), model=model, args=training_args(tmp_path))
     with pytest.raises(ValueError, match="not the model this Trainer trains"):
         AdversarialTrainer(adversary=FGM(bert()), model=model, args=training_args(tmp_path))
@@ -329,8 +334,169 @@ def test_lightning_helper_refuses_automatic_optimization_and_a_stray_mask():
     with pytest.raises(RuntimeError, match="automatic_optimization = False"):
         adversarial_training_step(module, FGM(model), lambda: model(**batch).loss)
     module.automatic_optimization = False
-    with pytest.raises(ValueError, match="attention_mask= is FreeLB's"):
+    with pytest.raises(ValueError, match="attention_mask= is for FreeLB, VAT, SMART and R3F"):
         adversarial_training_step(module, FGM(model), lambda: model(**batch).loss, attention_mask=batch["input_ids"])
+
+
+# ------------------------------------------------------------ VAT, SMART, R3F; the warm-up start
+
+CONSISTENCY = {
+    "vat": lambda model: VAT(model, epsilon=1.0, xi=0.3),
+    "smart": lambda model: SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01),
+    "r3f": lambda model: R3F(model, epsilon=0.3),
+}
+
+
+def counted_noise(monkeypatch) -> Callable[[], None]:
+    """Replaces the methods' random draws with a sequence that restarts at each call of the function returned
+    (Trainer and the hand loop draw from the global RNG differently, e.g. the DataLoader's seed)."""
+    calls = [0]
+
+    def noise(kind, ids, output):
+        calls[0] += 1
+        g = torch.Generator().manual_seed(calls[0])
+        return torch.randn(output.shape, generator=g) if kind == "normal" else torch.rand(output.shape, generator=g)
+
+    monkeypatch.setattr(consistency, "random_like", noise)
+    return lambda: calls.__setitem__(0, 0)
+
+
+@pytest.mark.parametrize("method", list(CONSISTENCY))
+def test_trainer_with_vat_smart_r3f_trains_to_the_hand_loops_weights(tmp_path, monkeypatch, method):
+    restart = counted_noise(monkeypatch)
+    model, reference, plain = bert(), bert(), bert()
+    initial = flat(model)
+    adversary = CONSISTENCY[method](model)
+    masks = masks_given_to_step(adversary)
+    adversarial_trainer(model, adversary, tmp_path).train()
+    restart()
+    ref_adversary = CONSISTENCY[method](reference)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    reference.train()
+    for i, batch in enumerate(micro_batches()):
+        ref_adversary.step(lambda batch=batch: reference(**batch), attention_mask=batch["attention_mask"])
+        if (i + 1) % ACCUM == 0:
+            optimizer.step()
+            reference.zero_grad()
+    assert_same_training(model, reference, initial, f"AdversarialTrainer + {method} against the hand loop")
+    hand_loop(plain, step_with(None), divide=False)
+    applied = relative_difference(flat(model) - initial, flat(plain) - initial)
+    assert applied > 1e-3, f"{method} changed the updates by only {applied:.3g} against plain training"
+    assert len(masks) == ACCUM * STEPS
+    for got, batch in zip(masks, micro_batches(), strict=True):
+        assert got is not None and torch.equal(got, batch["attention_mask"])
+
+
+WARMUP_METHODS = {
+    "fgm": lambda model: FGM(model),
+    **METHODS,
+    "vat": CONSISTENCY["vat"],
+}
+
+
+@pytest.mark.parametrize("method", list(WARMUP_METHODS))
+def test_adversary_start_step_trains_the_first_steps_plainly_bitwise(tmp_path, method):
+    from transformers import Trainer
+
+    start = STEPS - 1
+    model, plain = bert(), bert()
+    adversary = WARMUP_METHODS[method](model)
+    trainer = adversarial_trainer(model, adversary, tmp_path, max_steps=start)
+    trainer.adversary_start_step = start
+    trainer.train()
+    Trainer(model=plain, args=training_args(tmp_path, max_steps=start), train_dataset=Examples()).train()
+    for (name, got), want in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(got, want), f"{method}: {name} differs from plain training within the warm-up"
+
+
+def test_adversary_start_step_then_runs_the_adversary(tmp_path):
+    start = 1
+    model, reference = bert(), bert()
+    initial = flat(model)
+    trainer = adversarial_trainer(model, FGM(model), tmp_path)
+    trainer.adversary_start_step = start
+    trainer.train()
+    fgm, optimizer = FGM(reference), torch.optim.SGD(reference.parameters(), lr=LR)
+    reference.train()
+    for i, batch in enumerate(micro_batches()):
+        closure = lambda batch=batch: reference(**batch).loss  # noqa: E731
+        fgm.step(closure, enabled=i // ACCUM >= start)
+        if (i + 1) % ACCUM == 0:
+            optimizer.step()
+            reference.zero_grad()
+    assert_same_training(model, reference, initial, "adversary_start_step=1 against the hand loop")
+    always = bert()
+    adversarial_trainer(always, FGM(always), tmp_path / "always").train()
+    assert relative_difference(flat(model) - initial, flat(always) - initial) > 1e-4, "the warm-up changed nothing"
+
+
+def test_adversary_start_step_is_checked(tmp_path):
+    from fastadv.integrations.hf import AdversarialTrainer
+
+    model = bert()
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="adversary_start_step must be an int >= 0"):
+            AdversarialTrainer(
+                adversary=FGM(model), model=model, args=training_args(tmp_path), adversary_start_step=bad
+            )
+
+
+@pytest.mark.parametrize("method", list(WARMUP_METHODS))
+def test_enabled_false_is_one_plain_forward_and_backward(method):
+    model, plain = bert(), bert()
+    adversary = WARMUP_METHODS[method](model)
+    batch = micro_batches()[0]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        out = model(**batch)
+        return out if method == "vat" else out.loss
+
+    loss = adversary.step(closure, enabled=False)
+    want = plain(**batch).loss
+    want.backward()
+    assert len(calls) == 1
+    assert torch.equal(loss, want.detach())
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
+def test_lightning_adversary_start_step_runs_plain_steps_first():
+    import lightning
+
+    from fastadv.integrations.lightning import adversarial_training_step
+
+    start = 2
+
+    class Classifier(lightning.LightningModule):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.model = model
+            self.fgm = FGM(model)
+
+        def training_step(self, batch, batch_idx):
+            closure = lambda: self.model(**batch).loss  # noqa: E731
+            return adversarial_training_step(self, self.fgm, closure, adversary_start_step=start)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.parameters(), lr=LR)
+
+    model, reference = bert(), bert()
+    initial = flat(model)
+    trainer = lightning.Trainer(
+        max_steps=STEPS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(Classifier(model), torch.utils.data.DataLoader(Examples(), batch_size=MICRO, shuffle=False))
+    optimizer, fgm = torch.optim.SGD(reference.parameters(), lr=LR), FGM(reference)
+    reference.train()
+    for i, batch in enumerate(micro_batches()[:STEPS]):
+        optimizer.zero_grad()
+        fgm.step(lambda batch=batch: reference(**batch).loss, enabled=i >= start)
+        optimizer.step()
+    assert_same_training(model, reference, initial, "Lightning with adversary_start_step against the plain loop")
 
 
 # ------------------------------------------------------------ imports

@@ -10,7 +10,9 @@ Usage::
     trainer.train()
 
 Build the adversary on the object passed as ``model=``, before training: it hooks that model's
-embedding. Any fastadv method works (FGM, PGD, FreeLB, GradientPenalty).
+embedding. Any fastadv method works (FGM, PGD, FreeLB, GradientPenalty, VAT, SMART, R3F).
+``adversary_start_step=N`` trains the first N optimizer steps plainly (one forward and backward per
+micro-batch), then with the adversary.
 
 With another Trainer class (TRL's ``SFTTrainer``, ``Seq2SeqTrainer``, ...)::
 
@@ -61,9 +63,10 @@ from transformers.trainer_utils import unwrap_peft_model
 from transformers.training_args import OptimizerNames
 from transformers.utils import is_sagemaker_mp_enabled
 
-from ..methods import FGM, PGD, Adversary, FreeLB, GradientPenalty
+from ..methods import FGM, PGD, R3F, SMART, VAT, Adversary, FreeLB, GradientPenalty
 
-_ADVERSARIES = (FGM, PGD, FreeLB, GradientPenalty)
+_ADVERSARIES = (FGM, PGD, FreeLB, GradientPenalty, VAT, SMART, R3F)
+_CONSISTENCY = (VAT, SMART, R3F)  # their closure returns the outputs: the term compares the logits
 
 
 class AdversarialTrainingMixin:
@@ -75,8 +78,10 @@ class AdversarialTrainingMixin:
         class AdversarialSFTTrainer(AdversarialTrainingMixin, SFTTrainer): ...
 
     Args:
-        adversary: a fastadv method (FGM, PGD, FreeLB or GradientPenalty) built on the model this
-            Trainer trains (the object passed as ``model=``).
+        adversary: a fastadv method (FGM, PGD, FreeLB, GradientPenalty, VAT, SMART or R3F) built on the
+            model this Trainer trains (the object passed as ``model=``).
+        adversary_start_step: the optimizer steps (``state.global_step``) trained plainly before the
+            adversary starts: each of their micro-batches is one forward and one backward. 0: from the start.
         *args, **kwargs: the Trainer class's arguments, unchanged.
 
     How it composes. The Trainer class's own ``training_step`` runs, with whatever it wraps around
@@ -112,7 +117,9 @@ class AdversarialTrainingMixin:
                 "class X(AdversarialTrainingMixin, SFTTrainer), or use adversarial_trainer(SFTTrainer)."
             )
 
-    def __init__(self, *args: Any, adversary: Adversary | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, adversary: Adversary | None = None, adversary_start_step: int = 0, **kwargs: Any
+    ) -> None:
         name = type(self).__name__
         if not isinstance(self, Trainer):
             raise TypeError(
@@ -127,9 +134,17 @@ class AdversarialTrainingMixin:
             )
         if not isinstance(adversary, _ADVERSARIES):
             raise TypeError(
-                f"adversary must be a fastadv FGM, PGD, FreeLB or GradientPenalty, found {type(adversary).__name__}."
+                "adversary must be a fastadv FGM, PGD, FreeLB, GradientPenalty, VAT, SMART or R3F, found "
+                f"{type(adversary).__name__}."
+            )
+        start = adversary_start_step
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ValueError(
+                "adversary_start_step must be an int >= 0 (the optimizer steps trained before the adversary starts), "
+                f"found {adversary_start_step!r}."
             )
         self.adversary = adversary
+        self.adversary_start_step = adversary_start_step
         self._adversarial_step_pending = False
         super().__init__(*args, **kwargs)
         if is_sagemaker_mp_enabled():
@@ -192,13 +207,17 @@ class AdversarialTrainingMixin:
             )
         self._adversarial_step_pending = False  # the passes' own compute_loss calls go straight to the subclass
         passes = 0
+        consistency = isinstance(self.adversary, _CONSISTENCY)
         clean_state: dict[str, Any] = {}
 
         def closure() -> torch.Tensor:
             nonlocal passes
             # compute_loss pops "labels" from its dict with label smoothing or compute_loss_func: every pass
             # gets its own shallow copy.
-            loss = self.compute_loss(model, copy.copy(inputs), num_items_in_batch=num_items_in_batch)
+            result = self.compute_loss(
+                model, copy.copy(inputs), return_outputs=consistency, num_items_in_batch=num_items_in_batch
+            )
+            loss, outputs = result if consistency else (result, None)
             passes += 1
             if passes == 1:
                 clean_state.update(
@@ -211,7 +230,7 @@ class AdversarialTrainingMixin:
                     setattr(self, name, copy.deepcopy(value))
             if self.args.n_gpu > 1:
                 loss = loss.mean()  # DataParallel returns one loss per GPU
-            return loss
+            return (loss, outputs) if consistency else loss
 
         divide = not self._loss_is_scaled_for_ga(num_items_in_batch)
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -226,9 +245,11 @@ class AdversarialTrainingMixin:
                 # mark engine.backward puts on its argument, would divide by the accumulation steps again (ZeRO-0).
                 engine.backward(loss / steps if divide else loss.clone(), scale_wrt_gas=False)
 
-        step_kwargs = {"attention_mask": inputs.get("attention_mask")} if isinstance(self.adversary, FreeLB) else {}
+        with_mask = isinstance(self.adversary, (FreeLB, *_CONSISTENCY))
+        step_kwargs: dict[str, Any] = {"attention_mask": inputs.get("attention_mask")} if with_mask else {}
+        step_kwargs["enabled"] = self.state.global_step >= self.adversary_start_step
         scaler = getattr(self.accelerator, "scaler", None)
-        if scaler is not None and isinstance(self.adversary, (PGD, GradientPenalty)):
+        if scaler is not None and isinstance(self.adversary, (PGD, GradientPenalty, *_CONSISTENCY)):
             step_kwargs["scaler"] = scaler  # their dL/de-only passes scale the loss too (fp16)
         if engine is not None:
             # The step's last pass is the boundary where accelerate would put it; the adversary runs the earlier

@@ -16,16 +16,17 @@ BackwardFn = Callable[[torch.Tensor], object]
 
 
 class Adversary(Protocol):
-    """What the integrations drive: FGM, PGD, FreeLB and GradientPenalty.
+    """What the integrations drive: FGM, PGD, FreeLB, GradientPenalty, VAT, SMART and R3F.
 
-    ``step(closure, backward=...)`` runs one training step's forward and backward passes (closure()
-    returns the loss; ``backward`` backpropagates one, default ``loss.backward()``) and returns the
-    clean loss, detached; the optimizer step stays the caller's. ``model`` is the module it watches.
+    ``step(closure, backward=..., enabled=...)`` runs one training step's forward and backward passes
+    (closure() returns the loss, or for VAT, SMART and R3F the model's output; ``backward``
+    backpropagates one, default ``loss.backward()``) and returns the clean loss, detached; the optimizer
+    step stays the caller's. ``enabled=False`` runs a plain step. ``model`` is the module it watches.
     """
 
     model: nn.Module
 
-    def step(self, closure: Closure, backward: BackwardFn | None = None) -> torch.Tensor: ...
+    def step(self, closure: Closure, backward: BackwardFn | None = None, *, enabled: bool = True) -> torch.Tensor: ...
 
 
 def check_epsilon(value: float, name: str = "epsilon") -> float:
@@ -49,6 +50,13 @@ def check_loss(loss: object, where: str) -> torch.Tensor:
 
 def plain_backward(loss: torch.Tensor) -> None:
     loss.backward()
+
+
+def plain_step(closure: Closure, backward: BackwardFn) -> torch.Tensor:
+    """What ``step(..., enabled=False)`` runs: one forward and one backward of the loss; the loss, detached."""
+    loss = check_loss(closure(), "closure()")
+    backward(loss)
+    return loss.detach()
 
 
 def output_gradients(

@@ -37,6 +37,16 @@ from ._finite import FiniteGuard
 from .freelb import _word_embedding
 
 OutputClosure = Callable[[], object]
+
+
+def random_like(kind: Literal["normal", "uniform"], ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """fp32 noise of ``output``'s shape (B x T x d) from the global RNG: N(0, 1), or U(-1, 1). Every random
+    draw of the three methods goes through here (``ids``, B x T, unused: a test replaces this function with
+    noise that depends on the ids alone, to compare a DDP rank's half batch with one process's whole)."""
+    noise = torch.empty(output.shape, device=output.device)
+    return noise.normal_() if kind == "normal" else noise.uniform_(-1, 1)
+
+
 Norm = Literal["l2", "linf"]
 
 
@@ -369,10 +379,7 @@ class R3F(_Consistency):
         return kl_divergence(clean, noisy, mask) + kl_divergence(noisy, clean, mask)
 
     def _draw_noise(self, ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
-        shape, device = output.shape, output.device
-        if self.noise == "normal":
-            return torch.randn(shape, device=device) * self.epsilon
-        return torch.empty(shape, device=device).uniform_(-self.epsilon, self.epsilon)
+        return random_like(self.noise, ids, output) * self.epsilon
 
 
 class VAT(_Consistency):
@@ -428,7 +435,7 @@ class VAT(_Consistency):
 
         def draw(ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
             masks.append(self._positions(ids, index))
-            return self.xi * _sequence_unit(torch.randn(output.shape, device=output.device), masks[-1])
+            return self.xi * _sequence_unit(random_like("normal", ids, output), masks[-1])
 
         finite = None
         for k in range(self.power_iterations):
@@ -500,7 +507,7 @@ class SMART(_Consistency):
 
     def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
         def draw(ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
-            return torch.randn(output.shape, device=output.device) * self.noise_var
+            return random_like("normal", ids, output) * self.noise_var
 
         for k in range(self.steps):
             grads, finite = self._inner_pass(closure, draw if k == 0 else None, clean, scaler)

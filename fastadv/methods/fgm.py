@@ -14,7 +14,7 @@ from ..errors import AttackStateError
 from ..ops import Backend
 from ..targets import Gradient, Step, Target, TargetMode
 from ._attack import EmbeddingAttack
-from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward
+from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward, plain_step
 
 Norm = Literal["l2", "sign"]
 
@@ -115,7 +115,13 @@ class FGM(EmbeddingAttack):
         finally:
             self.restore()
 
-    def step(self, closure: Closure, backward: BackwardFn | None = None, clean_no_sync: bool = False) -> torch.Tensor:
+    def step(
+        self,
+        closure: Closure,
+        backward: BackwardFn | None = None,
+        clean_no_sync: bool = False,
+        enabled: bool = True,
+    ) -> torch.Tensor:
         """One adversarial training step's passes: clean backward, attack, adversarial backward, restore.
 
         Args:
@@ -129,11 +135,15 @@ class FGM(EmbeddingAttack):
                 wrapping learns it in its first step), the clean pass runs with the gradients all-reduced.
                 Under a DeepSpeed engine the clean pass is always off the accumulation boundary (the engine
                 reduces once, at the adversarial pass); pass ``backward=engine.backward`` there.
+            enabled: False: a plain step instead, one forward and one backward of the loss (a warm-up
+                before the adversary starts, as ``adversary_start_step`` runs it).
 
         Returns:
             The clean loss, detached. The optimizer step stays the caller's.
         """
         backward = backward or plain_backward
+        if not enabled:
+            return plain_step(closure, backward)
         self._targets(self.emb_name)  # output targets (e.g. made when bound to an engine) must see the clean pass
         if clean_no_sync:
             self._bind_data_parallel_seen()  # the wrapper an earlier step's forward ran in

@@ -12,7 +12,7 @@ from torch import nn
 from ..distributed import DataParallelBinding, data_parallel_wrapper
 from ..errors import EmbeddingNotFoundError, MissingGradientError
 from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
-from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward
+from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward, plain_step
 from ._finite import FiniteGuard
 
 FreeLBNorm = Literal["l2", "linf"]
@@ -140,7 +140,11 @@ class FreeLB:
         )
 
     def step(
-        self, closure: Closure, backward: BackwardFn | None = None, attention_mask: torch.Tensor | None = None
+        self,
+        closure: Closure,
+        backward: BackwardFn | None = None,
+        attention_mask: torch.Tensor | None = None,
+        enabled: bool = True,
     ) -> torch.Tensor:
         """The passes of one FreeLB step; the gradients accumulate in ``.grad``, the optimizer step is yours.
 
@@ -152,6 +156,8 @@ class FreeLB:
                 or ``lambda loss: scaler.scale(loss).backward()``.
             attention_mask: B x T, 0/1, the positions of the random start (see the class docstring);
                 used only when ``adv_init_mag > 0``.
+            enabled: False: a plain step instead, one forward and one backward of the loss (a warm-up
+                before the adversary starts, as ``adversary_start_step`` runs it).
 
         Returns:
             The loss whose gradient was accumulated, detached: the sum over the adversarial passes of
@@ -164,6 +170,8 @@ class FreeLB:
                 f"attention_mask must be a B x T tensor of 0/1 (or None), found {type(attention_mask).__name__}."
             )
         backward = backward or plain_backward
+        if not enabled:
+            return plain_step(closure, backward)
         self._data_parallel.check_knows_engine([self._weight], f"'{self.name}'")
         total: torch.Tensor | None = None
         if self.keep_clean_loss:

@@ -11,7 +11,16 @@ from torch import nn
 from ..distributed import DataParallelBinding, data_parallel_wrapper, wrapper_group
 from ..errors import FastAdvError, MissingGradientError
 from ..targets import LookupEdges, RowGradientHooks, data_parallel_seen, named_tables
-from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, output_gradients, plain_backward
+from ._common import (
+    BackwardFn,
+    Closure,
+    SkipCounter,
+    check_epsilon,
+    check_loss,
+    output_gradients,
+    plain_backward,
+    plain_step,
+)
 from ._finite import FiniteGuard
 
 Mode = Literal["finite_difference", "exact"]
@@ -78,7 +87,11 @@ class GradientPenalty:
         return 0.5 * self._rank_epsilon() * sum(g.float().square().sum() for g in grads if g is not None)
 
     def step(
-        self, closure: Closure, backward: BackwardFn | None = None, scaler: torch.amp.GradScaler | None = None
+        self,
+        closure: Closure,
+        backward: BackwardFn | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        enabled: bool = True,
     ) -> torch.Tensor:
         """The passes of one penalized training step; returns the clean loss, detached.
 
@@ -86,8 +99,11 @@ class GradientPenalty:
         ``loss.backward()``) backpropagates, e.g. ``accelerator.backward``. The optimizer step
         stays the caller's. ``scaler``: under fp16 autocast, the GradScaler; the finite-difference
         clean pass then takes dL/de of the scaled loss (no underflow) and divides the scale out.
+        ``enabled=False``: a plain step instead, one forward and one backward of the loss (a warm-up).
         """
         backward = backward or plain_backward
+        if not enabled:
+            return plain_step(closure, backward)
         self._data_parallel.check_knows_engine(self._weights, f"'{self._edges[0].name}'")
         if self.mode == "exact" and self._data_parallel.deepspeed:
             raise FastAdvError(

@@ -21,7 +21,7 @@ from ..targets import (
     table_modules,
 )
 from ._attack import EmbeddingAttack
-from ._common import BackwardFn, Closure, check_epsilon, check_loss, output_gradients, plain_backward
+from ._common import BackwardFn, Closure, check_epsilon, check_loss, output_gradients, plain_backward, plain_step
 
 SNIPPET_CALLS_NEED_ONLY_BACKWARD = (
     ", or drive PGD with the snippet's calls (attack(is_first_attack=...), restore(), backup_grad(), "
@@ -169,7 +169,11 @@ class PGD(EmbeddingAttack):
     # ------------------------------------------------------------ the fast step
 
     def step(
-        self, closure: Closure, backward: BackwardFn | None = None, scaler: torch.amp.GradScaler | None = None
+        self,
+        closure: Closure,
+        backward: BackwardFn | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        enabled: bool = True,
     ) -> torch.Tensor:
         """One PGD training step's passes: clean backward, K attacks with K-1 dL/de-only passes, one
         full adversarial backward, restore.
@@ -181,6 +185,8 @@ class PGD(EmbeddingAttack):
                 ``torch.autograd.grad``, whose direction does not depend on loss scaling.
             scaler: under fp16 autocast, the GradScaler: the intermediate passes then scale the loss
                 by it too, so small gradients do not underflow to zero (an overflow skips the step).
+            enabled: False: a plain step instead, one forward and one backward of the loss (a warm-up
+                before the adversary starts, as ``adversary_start_step`` runs it).
 
         Returns:
             The clean loss, detached. The gradient holds clean + adversarial (at the last attack), as
@@ -189,6 +195,8 @@ class PGD(EmbeddingAttack):
         if self._attacked is not None:
             raise AttackStateError("step() called while an attack is in progress: call restore() first.")
         backward = backward or plain_backward
+        if not enabled:
+            return plain_step(closure, backward)
         targets = self._targets(self.emb_name)
         lookups = self._lookup_edges(targets)
         with self._data_parallel.accumulate_only():  # DeepSpeed: the last pass alone is the boundary
