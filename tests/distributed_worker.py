@@ -15,9 +15,22 @@ from fastadv.snippets import pgd_snippet_step
 
 
 def train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: float = 0.1) -> None:
+    import fastadv.methods.consistency as consistency
+
+    drawn = consistency.random_like
+    consistency.random_like = noise_of_the_ids  # VAT, SMART, R3F: a rank's half batch gets one process's noise
+    try:
+        _train(model, adversary, data, steps_on, lr)
+    finally:
+        consistency.random_like = drawn
+
+
+def _train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: float) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=lr)
+    outputs = type(adversary).__name__ in ("VAT", "SMART", "R3F")  # their closure returns the model's output
     for ids, labels in data:
-        closure = lambda ids=ids, labels=labels: model(input_ids=ids, labels=labels).loss  # noqa: E731
+        closure = lambda ids=ids, labels=labels: model(input_ids=ids, labels=labels)  # noqa: E731
+        closure = closure if outputs else lambda closure=closure: closure().loss
         if steps_on == "step":
             adversary.step(closure)
         elif steps_on == "step_no_sync":
@@ -34,8 +47,9 @@ def train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: floa
 
 
 def make_adversary(model: torch.nn.Module, method: str):
-    """fgm_* / pgd_* / gp_* / freelb_*; "_positions": output mode with one delta per token position."""
-    from fastadv import FGM, PGD, FreeLB, GradientPenalty
+    """fgm_* / pgd_* / gp_* / freelb_* / vat_* / smart_* / r3f_*; "_positions": output mode with one delta per
+    token position."""
+    from fastadv import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
 
     share_rows = "_positions" not in method
     if method.startswith("fgm"):
@@ -44,12 +58,26 @@ def make_adversary(model: torch.nn.Module, method: str):
         return GradientPenalty(model, 0.5)
     if method.startswith("freelb"):
         return FreeLB(model, adv_lr=0.05, adv_steps=2)
+    if method.startswith("vat"):
+        return VAT(model, epsilon=1.0, xi=0.3)
+    if method.startswith("smart"):
+        return SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01, steps=2)
+    if method.startswith("r3f"):
+        return R3F(model, epsilon=0.3)
     return PGD(model, 0.05, 0.03, share_rows=share_rows)
+
+
+def noise_of_the_ids(kind: str, ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """VAT's, SMART's and R3F's noise (B x T x d) as a function of each position's id and index alone."""
+    position = torch.arange(ids.shape[1])[None, :, None]
+    feature = torch.arange(output.shape[-1])[None, None, :]
+    return torch.sin(ids[..., None] * 0.37 + position * 1.3 + feature * 0.71)
 
 
 def schedule(method: str) -> str:
     """How ``train`` drives the adversary: "calls" (the snippet's), "step", or "step_no_sync" (DDP only)."""
-    words = ("fgm_", "pgd_", "gp_", "freelb_", "bound_", "before_", "module_", "frozen_", "positions_", "bucketview_")
+    words = ("fgm_", "pgd_", "gp_", "freelb_", "vat_", "smart_", "r3f_")
+    words += ("bound_", "before_", "module_", "frozen_", "positions_", "bucketview_")
     for word in words:
         method = method.replace(word, "")
     return method

@@ -276,3 +276,76 @@ def test_bad_arguments_say_what_was_found():
         R3F(model, epsilon=float("nan"))
     with pytest.raises(TypeError, match=r"nn\.Module"):
         VAT("model")
+
+
+AMP_METHODS = {
+    "vat": lambda m: VAT(m, epsilon=1.0, xi=0.3),
+    "smart": lambda m: SMART(m, epsilon=0.05, step_size=0.02, noise_var=0.01),
+    "r3f": lambda m: R3F(m, epsilon=0.1),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("method", list(AMP_METHODS))
+def test_autocast_training_with_the_scaler_stays_finite_and_moves(dtype, method):
+    model = tiny_bert()
+    before = [p.detach().clone() for p in model.parameters()]
+    adversary = AMP_METHODS[method](model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=dtype == torch.float16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    b = batch("bert")
+    seen = []
+
+    def closure():
+        with torch.autocast("cpu", dtype=dtype):
+            out = model(**b)
+        seen.append(out.logits.dtype)
+        return out
+
+    for _ in range(3):
+        adversary.step(
+            closure,
+            backward=lambda loss: scaler.scale(loss).backward(),
+            attention_mask=b["attention_mask"],
+            scaler=scaler,
+        )
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert set(seen) == {dtype}, "the passes did not run under autocast"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True)), "nothing trained"
+
+
+@pytest.mark.parametrize("method", list(AMP_METHODS))
+def test_an_overflowing_fp16_step_is_left_to_the_scaler_and_never_reaches_the_weights(method):
+    model = tiny_bert()
+    before = [p.detach().clone() for p in model.parameters()]
+    adversary = AMP_METHODS[method](model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)  # fp16 gradients overflow at this scale
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    b = batch("bert")
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.float16):
+            return model(**b)
+
+    adversary.step(closure, backward=lambda loss: scaler.scale(loss).backward(), scaler=scaler)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**100, "the scaler saw no overflow: the test proves nothing"
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert adversary.skipped_steps == 1
+
+
+def test_a_scaled_inner_pass_gives_the_same_perturbation():
+    """The ascent normalizes its gradient: the scaler's factor changes nothing but underflow."""
+    grads = []
+    for scale in (None, 2.0**10):
+        model = tiny_bert()
+        b = batch("bert")
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+        torch.manual_seed(0)
+        VAT(model, epsilon=1.0, xi=0.3).step(lambda model=model, b=b: model(**b), scaler=scaler)
+        grads.append(parameter_gradients(model))
+    assert relative_difference(grads[1], grads[0]) <= 1e-5

@@ -190,8 +190,8 @@ class _Consistency:
             )
         backward = backward or plain_backward
         _refuse_deepspeed(self._data_parallel.wrapper, self.method)
-        loss, clean = loss_and_logits(closure())
         if not enabled:
+            loss, _ = loss_and_logits(closure())
             if loss is None:
                 raise TypeError(
                     f"{self.method}.step(enabled=False) runs a plain step on the task loss, and the closure gave "
@@ -201,13 +201,17 @@ class _Consistency:
             return loss.detach()
         self._mask = attention_mask
         self._skipped.begin_step()
+        # Armed before the forwards: it notes an fp16 lookup there (its overflows are the scaler's to see). The
+        # inner passes' gradients go to the deltas alone and pass no parameter's AccumulateGrad.
+        self._guard.arm()
         try:
-            term = self._term(closure, clean, scaler)
-        finally:
-            self._mask, self._deltas, self._draw = None, [], None
-        total = self.weight * term if loss is None else loss + self.weight * term
-        self._guard.arm(total)  # not finite: the step gives .grad nothing, and is counted
-        try:
+            loss, clean = loss_and_logits(closure())
+            try:
+                term = self._term(closure, clean, scaler)
+            finally:
+                self._mask, self._deltas, self._draw = None, [], None
+            total = self.weight * term if loss is None else loss + self.weight * term
+            self._guard.loss(total)  # not finite: the step gives .grad nothing, and is counted
             backward(total)
         finally:
             self._guard.disarm()
