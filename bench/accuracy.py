@@ -89,7 +89,7 @@ from common import (
 from measure import device_description, peak_memory_bytes
 from torch import nn
 
-from fastadv import FGM, PGD, FreeLB, GradientPenalty
+from fastadv import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
 from fastadv.snippets import SnippetFGM
 
 CSV_PATH = RESULTS / "accuracy.csv"
@@ -109,8 +109,16 @@ EMB_NAME = "word_embeddings"  # as the snippet is called on a BERT: encoder.embe
 LABELS = 3
 TRAIN_EXAMPLES, BATCH, EPOCHS, LR, MAX_TOKENS, SEEDS = 960, 16, 1, 5e-5, 32, (0, 1, 2)
 PGD_ALPHA = 0.3  # alpha = PGD_ALPHA * epsilon (the snippet's defaults: epsilon 1.0, alpha 0.3)
-GRIDS = {"fgm": (0.3, 1.0, 3.0), "pgd": (0.3, 1.0, 3.0), "freelb": (0.03, 0.1, 0.3), "gp_fd": (1.0, 10.0, 100.0)}
-DEFAULTS = {"fgm": 1.0, "pgd": 1.0, "freelb": 0.1, "gp_fd": 1.0}  # fastadv's defaults: the tie-break
+GRIDS = {
+    "fgm": (0.3, 1.0, 3.0),
+    "pgd": (0.3, 1.0, 3.0),
+    "freelb": (0.03, 0.1, 0.3),
+    "gp_fd": (1.0, 10.0, 100.0),
+    "vat": (0.3, 1.0, 3.0),  # epsilon
+    "smart": (1.0, 3.0, 10.0),  # weight (lambda_s; the paper's epsilon 1e-5)
+    "r3f": (0.1, 1.0, 5.0),  # weight (lambda; fairseq's epsilon 1e-5)
+}
+DEFAULTS = {"fgm": 1.0, "pgd": 1.0, "freelb": 0.1, "gp_fd": 1.0, "vat": 1.0, "smart": 1.0, "r3f": 1.0}  # tie-break
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,9 @@ METHODS = [
     Method("freelb", "FreeLB K=3, fastadv", "adv_lr", swept=True),
     Method("gp_fd", "grad. penalty, finite diff.", "epsilon", swept=True),
     Method("gp_exact", "grad. penalty, exact", "epsilon", shares="gp_fd"),
+    Method("vat", "VAT, fastadv", "epsilon", swept=True),
+    Method("smart", "SMART, fastadv", "weight", swept=True),
+    Method("r3f", "R3F, fastadv", "weight", swept=True),
 ]
 
 
@@ -308,6 +319,15 @@ def make_backward(method: str, model: nn.Module, value: float) -> Callable[[dict
         adversary = FreeLB(model, adv_lr=value, adv_steps=3)
     elif method in ("gp_fd", "gp_exact"):
         adversary = GradientPenalty(model, value, mode="exact" if method == "gp_exact" else "finite_difference")
+    elif method in ("vat", "smart", "r3f"):
+        consistency = {"vat": lambda: VAT(model, epsilon=value), "smart": lambda: SMART(model, weight=value)}
+        term = consistency.get(method, lambda: R3F(model, weight=value))()
+
+        def loss_and_logits(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = model(batch["input_ids"], batch["attention_mask"])
+            return F.cross_entropy(logits, batch["labels"]), logits
+
+        return lambda batch: term.step(lambda: loss_and_logits(batch), attention_mask=batch["attention_mask"])
     else:
         raise ValueError(f"unknown method {method!r}")
     return lambda batch: adversary.step(lambda: loss_of(model, batch))

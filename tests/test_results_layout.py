@@ -7,6 +7,7 @@ from pathlib import Path
 
 import accuracy
 import common
+import consistency
 import pytest
 import record_growth
 import soak
@@ -24,6 +25,7 @@ LAYOUTS = {
     "record_growth.csv": record_growth.LAYOUT,
     "soak.csv": soak.LAYOUT,
     "accuracy.csv": accuracy.LAYOUT,
+    "consistency.csv": consistency.LAYOUT,
     "gpu_attack.csv": common.SHAPE_LAYOUT,
     "gpu_step.csv": STEP_LAYOUT,
     "gpu_step_cost.csv": step_cost.LAYOUT,
