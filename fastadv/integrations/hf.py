@@ -28,7 +28,8 @@ What one step does. Trainer calls ``training_step`` once per micro-batch; the Tr
 ``compute_loss`` call runs the adversary's passes, ``adversary.step(closure, backward=...)``:
 
 - ``closure`` recomputes ``self.compute_loss(model, inputs, num_items_in_batch=...)`` on the same inputs
-  (an FGM step calls it twice, PGD K + 1 times, FreeLB K times, GradientPenalty twice);
+  (an FGM step calls it twice, PGD K + 1 times, FreeLB K times, GradientPenalty twice, VAT and SMART
+  K + 2 times, R3F twice; for those three with ``return_outputs=True``: they compare the logits);
 - ``backward`` divides by the number of accumulation steps when Trainer divides, averages over
   ``DataParallel`` GPUs and calls ``self.accelerator.backward``, for every pass that reaches the
   parameters: fp16's GradScaler, DDP and gradient accumulation see each pass as they see Trainer's

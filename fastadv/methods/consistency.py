@@ -190,6 +190,7 @@ class _Consistency:
             )
         backward = backward or plain_backward
         _refuse_deepspeed(self._data_parallel.wrapper, self.method)
+        self._data_parallel.check_knows_engine([self._table], f"'{self.name}'")  # a bare model under DeepSpeed
         if not enabled:
             loss, _ = loss_and_logits(closure())
             if loss is None:
