@@ -12,6 +12,7 @@ step, so every cycle must leave the weights exactly where they started:
     pgd_step      PGD.step(closure), K = 3
     freelb        FreeLB.step(closure), K = 3
     gp            GradientPenalty.step(closure), finite difference
+    vat, smart, r3f   VAT.step, SMART.step (K = 3 each), R3F.step; their closure returns the model's output
 
 Each cycle starts with ``zero_grad()``, set to None or zeroed in place at random (older scripts do the
 latter). Per method it reports the process's resident memory after the warm-up cycles and at the end, the
@@ -42,7 +43,7 @@ from common import RESULTS, Layout, append_rows, bert_classifier, fastadv_revisi
 from measure import device_description
 from record_growth import resident_bytes
 
-from fastadv import FGM, PGD, FreeLB, GradientPenalty
+from fastadv import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
 
 CSV_PATH = RESULTS / "soak.csv"
 LAYOUT = Layout(
@@ -58,7 +59,7 @@ LAYOUT = Layout(
         "seconds",
     ),
 )
-METHODS = ("fgm", "fgm_output", "pgd", "pgd_step", "freelb", "gp")
+METHODS = ("fgm", "fgm_output", "pgd", "pgd_step", "freelb", "gp", "vat", "smart", "r3f")
 EPSILON, ALPHA, K = 1.0, 0.3, 3
 RSS_SLACK_BYTES, RSS_SLACK_FRACTION = 16 * 2**20, 0.05
 Batch = dict[str, torch.Tensor]
@@ -100,6 +101,14 @@ def build(method: str, model: torch.nn.Module) -> tuple[object, Callable[[Batch]
     if method == "gp":
         gp = GradientPenalty(model, 0.01)
         return gp, lambda batch: gp.step(lambda: loss(batch))
+    if method in ("vat", "smart", "r3f"):
+        makers = {
+            "vat": lambda: VAT(model, epsilon=EPSILON, power_iterations=K),
+            "smart": lambda: SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01, steps=K),
+            "r3f": lambda: R3F(model, epsilon=0.1),
+        }
+        term = makers[method]()
+        return term, lambda batch: term.step(lambda: model(**batch))
     raise ValueError(f"unknown method {method!r}: choose from {METHODS}")
 
 
