@@ -62,6 +62,10 @@ def assert_equals_one_process(got: dict[str, torch.Tensor], method: str, engine:
         ("fsdp2", "pgd_calls"),
         ("fsdp2", "pgd_step"),
         ("fsdp2", "fgm_frozen_step"),
+        ("fsdp2", "vat_step"),
+        ("fsdp2", "smart_step"),
+        ("fsdp2", "r3f_step"),
+        ("fsdp2", "r3f_frozen_step"),
     ],
 )
 def test_data_parallel_training_equals_one_process(tmp_path, monkeypatch, engine, method):

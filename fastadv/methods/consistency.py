@@ -118,7 +118,6 @@ class _Consistency:
         table = _word_embedding(model, emb_name)
         self.name, self.modules = table.name, [m for _, m in table.modules]
         self._table = table.weight
-        _refuse_sharded(self._table, self.method)
         self._data_parallel = DataParallelBinding(model)
         self._skipped = SkipCounter()
         self._guard = FiniteGuard(model, self._skipped)  # the combined backward: non-finite gives .grad nothing
@@ -134,7 +133,7 @@ class _Consistency:
 
     def bind_data_parallel(self, model: nn.Module) -> None:
         """Use the DDP wrapper of ``model``, made after this object was built (its inner passes run under
-        ``no_sync()``). A DeepSpeed engine is refused."""
+        ``no_sync()``). A DeepSpeed engine is refused (not tested yet)."""
         wrapper = data_parallel_wrapper(model)
         _refuse_deepspeed(wrapper, self.method)
         self._data_parallel.bind(wrapper)
@@ -541,18 +540,9 @@ def _check_steps(value: int, name: str) -> int:
     return value
 
 
-def _refuse_sharded(weight: torch.Tensor, method: str) -> None:
-    if type(weight).__name__ == "DTensor" or hasattr(weight, "ds_id"):
-        raise NotImplementedError(
-            f"{method} is tested on one process and under DDP; this embedding is sharded (FSDP2 or DeepSpeed "
-            "ZeRO-3), where its several forwards before one backward are not tested yet. Use DDP, or FGM, PGD, "
-            "FreeLB or GradientPenalty there."
-        )
-
-
 def _refuse_deepspeed(wrapper: object, method: str) -> None:
     if type(wrapper).__name__ == "DeepSpeedEngine":
         raise NotImplementedError(
             f"{method} under a DeepSpeed engine is not tested yet (its several forwards before one engine backward): "
-            "use DDP, or FGM, PGD, FreeLB or GradientPenalty with DeepSpeed."
+            "use DDP or FSDP2, or FGM, PGD, FreeLB or GradientPenalty with DeepSpeed."
         )
