@@ -107,13 +107,14 @@ ORDER_CASES = [
     "r3f_frozen_step",
 ]
 NO_SYNC_CHECK = "warnings_after_no_sync_forward"
+FSDP2_WARNINGS_CHECK = "warnings_of_fsdp2_snippet_calls"
 ROW_CHECK = "row_lookups_under_ddp"
 
 
 @pytest.fixture(scope="module")
 def ddp_in_any_order(tmp_path_factory) -> dict[str, object]:
     tmp = tmp_path_factory.mktemp("ddp_order")
-    outs = {case: str(tmp / f"{case}.pt") for case in [*ORDER_CASES, NO_SYNC_CHECK, ROW_CHECK]}
+    outs = {case: str(tmp / f"{case}.pt") for case in [*ORDER_CASES, NO_SYNC_CHECK, ROW_CHECK, FSDP2_WARNINGS_CHECK]}
     mp.spawn(worker_cases, args=(WORLD, str(tmp / "init"), "ddp", outs), nprocs=WORLD, join=True)
     return {case: torch.load(out) for case, out in outs.items()}
 
@@ -122,6 +123,11 @@ def ddp_in_any_order(tmp_path_factory) -> dict[str, object]:
 def test_ddp_found_in_the_forward_equals_one_process(ddp_in_any_order, monkeypatch, method):
     monkeypatch.setenv("FASTADV_BACKEND", "torch")
     assert_equals_one_process(ddp_in_any_order[method], method, "ddp")
+
+
+def test_fsdp2_snippet_calls_warn_of_no_unrecorded_rows(ddp_in_any_order):
+    # A rank's shard of the table's gradient holds the rows every rank looked up, as FSDP2 reduces them.
+    assert ddp_in_any_order[FSDP2_WARNINGS_CHECK] == [], ddp_in_any_order[FSDP2_WARNINGS_CHECK]
 
 
 def test_ddp_forward_under_no_sync_names_the_wrapper(ddp_in_any_order):

@@ -122,7 +122,7 @@ class WeightTarget:
                     "the forward pass whose gradient it uses, and look the table up through its module (not "
                     "inputs_embeds=F.embedding(ids, weight))."
                 )
-            elif self.recorder is not None and self.recorder.covers(grad):
+            elif self.recorder is not None and self.recorder.covers(self.param.grad):  # FSDP2: the DTensor itself
                 ids = self.recorder.ids()
                 if ids is None:
                     raise MissingGradientError(
