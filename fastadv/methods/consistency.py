@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from ..distributed import DataParallelBinding, data_parallel_wrapper
-from ..errors import FastAdvError, MissingGradientError
+from ..errors import MissingGradientError
 from ..targets import RowGradientHooks, lookup_scale, on_output, subscribe
-from ._common import BackwardFn, SkipCounter, check_epsilon, plain_backward
+from ._common import BackwardFn, SkipCounter, check_epsilon, output_gradients, plain_backward
 from ._finite import FiniteGuard
 from .freelb import _word_embedding
 
@@ -256,16 +256,7 @@ class _Consistency:
         """d divergence / d delta for each lookup (zeros where it does not reach), and whether all are finite
         (0-dim bool): ``torch.autograd.grad`` to the deltas alone, no parameter gradient."""
         scaled = divergence if scaler is None else scaler.scale(divergence)
-        try:
-            grads = torch.autograd.grad(scaled, self._deltas, allow_unused=True)
-        except RuntimeError as err:
-            if ".grad()" in str(err) and "checkpoint" in str(err).lower():
-                raise FastAdvError(
-                    f"{self.method}'s inner passes take the gradient with respect to the perturbation alone "
-                    "(torch.autograd.grad), which reentrant activation checkpointing refuses: checkpoint with "
-                    "use_reentrant=False."
-                ) from err
-            raise
+        grads = output_gradients(scaled, self._deltas, self.method)  # reentrant checkpointing: a clear error
         grads = [torch.zeros_like(d) if g is None else g.float() for d, g in zip(self._deltas, grads, strict=True)]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
         self._skipped.merge_into_last(~finite)  # one count per step
