@@ -5,16 +5,22 @@ Each rank trains the same config-built model on its half of every micro-batch, i
 (``engine.backward`` for every pass, one ``engine.step()`` per micro-batch) or under ``AdversarialTrainer`` with
 a DeepSpeed config; rank 0 saves the final weights, which the test compares with one process trained on whole
 micro-batches (:func:`one_process`). fp32, SGD, no clipping (DeepSpeed's default clips at 1.0).
+
+VAT, SMART and R3F: their closure returns the model's output, and their noise is a function of the ids
+(``distributed_worker.noise_of_the_ids``, in every process and in the reference), so that a rank's half
+micro-batch gets the noise one process gives those examples.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import tempfile
 
 import torch
 import torch.distributed as dist
+from distributed_worker import noise_of_the_ids
 from models import batches, tiny_bert
 
 STEPS, MICRO, LR = 3, 4, 0.1  # optimizer steps; examples per micro-batch, over all ranks
@@ -22,8 +28,16 @@ STEPS, MICRO, LR = 3, 4, 0.1  # optimizer steps; examples per micro-batch, over 
 
 def make_adversary(model: torch.nn.Module, method: str, target: str = "auto"):
     """``target``: FGM's and PGD's (under a DeepSpeed engine 'auto' perturbs the lookups' outputs)."""
-    from fastadv import FGM, PGD, FreeLB, GradientPenalty
+    from fastadv import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
 
+    if method == "vat":
+        # xi = 1: the power iteration's gradient is q - p of two near-equal distributions; at xi = 0.3 this model's
+        # ||g|| is ~1e-4 per sequence, and the ranks' reduction order alone moves the update by 1e-5.
+        return VAT(model, epsilon=1.0, xi=1.0)
+    if method == "smart":
+        return SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01, steps=2)
+    if method == "r3f":
+        return R3F(model, epsilon=0.3)
     if method == "fgm":
         return FGM(model, target=target)
     if method == "pgd":
@@ -35,6 +49,29 @@ def make_adversary(model: torch.nn.Module, method: str, target: str = "auto"):
     if method == "gp_fd":
         return GradientPenalty(model, 0.5)
     raise ValueError(method)
+
+
+CONSISTENCY = ("vat", "smart", "r3f")
+
+
+def closure_of(model: torch.nn.Module, method: str, ids: torch.Tensor, labels: torch.Tensor):
+    """One forward on the micro-batch: the model's output for VAT, SMART and R3F (they compare logits), else its
+    loss."""
+    if method in CONSISTENCY:
+        return lambda: model(input_ids=ids, labels=labels)
+    return lambda: model(input_ids=ids, labels=labels).loss
+
+
+@contextlib.contextmanager
+def noise_of_ids():
+    """VAT's, SMART's and R3F's noise drawn from the ids alone while the block runs."""
+    import fastadv.methods.consistency as consistency
+
+    drawn, consistency.random_like = consistency.random_like, noise_of_the_ids
+    try:
+        yield
+    finally:
+        consistency.random_like = drawn
 
 
 def micro_batches(accumulation: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -50,14 +87,13 @@ def one_process(method: str, accumulation: int) -> dict[str, torch.Tensor]:
     model = tiny_bert(attention="eager")
     adversary = make_adversary(model, method, target="output")
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for i, (ids, labels) in enumerate(micro_batches(accumulation)):
-        adversary.step(
-            lambda ids=ids, labels=labels: model(input_ids=ids, labels=labels).loss,
-            backward=lambda loss: (loss / accumulation).backward(),
-        )
-        if (i + 1) % accumulation == 0:
-            opt.step()
-            opt.zero_grad()
+    with noise_of_ids():
+        for i, (ids, labels) in enumerate(micro_batches(accumulation)):
+            backward = lambda loss: (loss / accumulation).backward()  # noqa: E731
+            adversary.step(closure_of(model, method, ids, labels), backward=backward)
+            if (i + 1) % accumulation == 0:
+                opt.step()
+                opt.zero_grad()
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
@@ -100,8 +136,7 @@ def plain_loop(
         adversary.bind_data_parallel(engine)
     for ids, labels in micro_batches(accumulation):
         ids, labels = ids.chunk(world)[rank], labels.chunk(world)[rank]
-        closure = lambda ids=ids, labels=labels: engine(input_ids=ids, labels=labels).loss  # noqa: E731
-        adversary.step(closure, backward=engine.backward)
+        adversary.step(closure_of(engine, method, ids, labels), backward=engine.backward)
         engine.step()
     return full_state(engine)
 
@@ -156,7 +191,8 @@ def trainer(world: int, stage: int | None, method: str, accumulation: int, bf16:
             args=args,
             train_dataset=Examples(accumulation),
         )
-        run.train()
+        with noise_of_ids():
+            run.train()
         assert run.state.global_step == STEPS, f"{run.state.global_step} optimizer steps, want {STEPS}"
         if stage is None:
             return {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -184,10 +220,11 @@ def worker(rank: int, world: int, init_file: str, cases: dict[str, tuple], outs:
         for name, (loop, stage, method, accumulation, *dtype) in cases.items():
             bf16 = dtype == ["bf16"]
             try:
-                if loop == "trainer":
-                    result = trainer(world, stage, method, accumulation, bf16)
-                else:
-                    result = plain_loop(rank, world, stage, method, accumulation, loop.removeprefix("plain_"), bf16)
+                with noise_of_ids():
+                    if loop == "trainer":
+                        result = trainer(world, stage, method, accumulation, bf16)
+                    else:
+                        result = plain_loop(rank, world, stage, method, accumulation, loop.removeprefix("plain_"), bf16)
             except Exception as err:  # the test reports it; the other cases still run
                 result = f"{type(err).__name__}: {err}"
             if rank == 0:

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO stages 0-3 on CPU (gloo, 2 processes): every method trains to the weights of one process on
-whole micro-batches, in a plain DeepSpeed loop and under AdversarialTrainer, with and without accumulation.
+whole micro-batches, in a plain DeepSpeed loop and under AdversarialTrainer, with and without accumulation
+(VAT, SMART and R3F: every stage in the plain loop, with and without accumulation; under Trainer with it).
 
 One spawn runs every case (starting the processes and DeepSpeed costs more than training); see
 tests/deepspeed_worker.py for the loops and the reference.
@@ -24,8 +25,18 @@ CASES = {
     for method in METHODS
     for accumulation in (1, 2)
 }
-# FGM built on the bare model before deepspeed.initialize, then bound to the engine.
+# VAT, SMART, R3F: several forwards (the inner ones outside the engine's backward hooks) before one engine backward.
+CASES.update(
+    {
+        f"{loop}-zero{stage}-{method}-gas{accumulation}": (loop, stage, method, accumulation)
+        for method in ("vat", "smart", "r3f")
+        for stage in STAGES
+        for loop, accumulation in (("plain_engine", 1), ("plain_engine", 2), ("trainer", 2))
+    }
+)
+# FGM (and VAT) built on the bare model before deepspeed.initialize, then bound to the engine.
 CASES.update({f"plain_bound-zero{stage}-fgm-gas2": ("plain_bound", stage, "fgm", 2) for stage in STAGES})
+CASES.update({f"plain_bound-zero{stage}-vat-gas2": ("plain_bound", stage, "vat", 2) for stage in (2, 3)})
 CASES["plain_engine-zero2-gp-gas1"] = ("plain_engine", 2, "gp", 1)  # the exact penalty: refused
 # DeepSpeed's bf16 (the model in bfloat16, fp32 weights in the optimizer); its fp16 is refused on CPU.
 BF16_CASES = {

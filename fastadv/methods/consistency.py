@@ -132,11 +132,9 @@ class _Consistency:
         self._row_gradients = RowGradientHooks(model)
 
     def bind_data_parallel(self, model: nn.Module) -> None:
-        """Use the DDP wrapper of ``model``, made after this object was built (its inner passes run under
-        ``no_sync()``). A DeepSpeed engine is refused (not tested yet)."""
-        wrapper = data_parallel_wrapper(model)
-        _refuse_deepspeed(wrapper, self.method)
-        self._data_parallel.bind(wrapper)
+        """Use the DDP wrapper or DeepSpeed engine of ``model``, made after this object was built (its inner
+        passes run under ``no_sync()``, or outside the engine's backward hooks)."""
+        self._data_parallel.bind(data_parallel_wrapper(model))
 
     @property
     def skipped_steps(self) -> int:
@@ -188,7 +186,6 @@ class _Consistency:
                 f"attention_mask must be a B x T tensor of 0/1 (or None), found {type(attention_mask).__name__}."
             )
         backward = backward or plain_backward
-        _refuse_deepspeed(self._data_parallel.wrapper, self.method)
         self._data_parallel.check_knows_engine([self._table], f"'{self.name}'")  # a bare model under DeepSpeed
         if not enabled:
             loss, _ = loss_and_logits(closure())
@@ -529,11 +526,3 @@ def _check_steps(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1 (forward passes per step), found {value!r}.")
     return value
-
-
-def _refuse_deepspeed(wrapper: object, method: str) -> None:
-    if type(wrapper).__name__ == "DeepSpeedEngine":
-        raise NotImplementedError(
-            f"{method} under a DeepSpeed engine is not tested yet (its several forwards before one engine backward): "
-            "use DDP or FSDP2, or FGM, PGD, FreeLB or GradientPenalty with DeepSpeed."
-        )
