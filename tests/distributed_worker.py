@@ -62,7 +62,8 @@ def make_adversary(model: torch.nn.Module, method: str):
     if method.startswith("vat"):
         return VAT(model, epsilon=1.0, xi=0.3)
     if method.startswith("smart"):
-        return SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01, steps=2)
+        proximal = dict(proximal_weight=2.0, proximal_momentum=0.5) if "_proximal" in method else {}
+        return SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01, steps=2, **proximal)
     if method.startswith("r3f"):
         return R3F(model, epsilon=0.3)
     return PGD(model, 0.05, 0.03, share_rows=share_rows)
@@ -78,7 +79,7 @@ def noise_of_the_ids(kind: str, ids: torch.Tensor, output: torch.Tensor) -> torc
 def schedule(method: str) -> str:
     """How ``train`` drives the adversary: "calls" (the snippet's), "step", or "step_no_sync" (DDP only)."""
     words = ("fgm_", "pgd_", "gp_", "freelb_", "vat_", "smart_", "r3f_")
-    words += ("bound_", "before_", "module_", "frozen_", "positions_", "bucketview_")
+    words += ("bound_", "before_", "module_", "frozen_", "positions_", "bucketview_", "proximal_")
     for word in words:
         method = method.replace(word, "")
     return method

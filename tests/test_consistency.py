@@ -264,6 +264,115 @@ def test_a_huge_noise_whose_pass_overflows_leaves_grad_finite_and_is_counted():
     assert r3f.skipped_steps == 1
 
 
+# ---------------------------------------------------------------- SMART's Bregman proximal point
+
+PROXIMAL = dict(epsilon=0.05, step_size=0.02, noise_var=0.01, steps=1, weight=1.5)
+
+
+def reference_smart_proximal(model, teacher, b, mu) -> None:
+    """SMART's step plus mu * symmetric KL(p_teacher, p) on the clean inputs, the teacher a deepcopy of the model
+    whose weights the caller moves."""
+    with torch.no_grad():
+        teacher_logits = embeds_forward(teacher, b, None).logits
+    out = embeds_forward(model, b, None)
+    mask = b["attention_mask"]
+    noise = torch.randn((*b["input_ids"].shape, model.config.hidden_size)) * PROXIMAL["noise_var"]
+    noise.requires_grad_()
+    kl = ref_kl(out.logits.detach(), embeds_forward(model, b, noise).logits, mask)
+    (g,) = torch.autograd.grad(kl, noise)
+    moved = noise + PROXIMAL["step_size"] * g / g.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    adv = embeds_forward(model, b, moved.clamp(-PROXIMAL["epsilon"], PROXIMAL["epsilon"]).detach()).logits
+    sym = ref_kl(out.logits.detach(), adv, mask) + ref_kl(adv.detach(), out.logits, mask)
+    bregman = ref_kl(teacher_logits, out.logits, mask) + ref_kl(out.logits, teacher_logits, mask)
+    (out.loss + PROXIMAL["weight"] * sym + mu * bregman).backward()
+
+
+@pytest.mark.parametrize("model_kind", ["bert", "llama"])
+def test_smart_proximal_point_trains_as_a_momentum_teacher_reference(model_kind):
+    mu, beta, steps = 2.0, 0.6, 4
+    model = build(model_kind)
+    twin, teacher = copy.deepcopy(model), copy.deepcopy(model)
+    smart = SMART(model, **PROXIMAL, proximal_weight=mu, proximal_momentum=beta)
+    opt, twin_opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, twin))
+    own = [p.data_ptr() for p in model.parameters()]
+    for step in range(steps):
+        b = batch(model_kind, seed=step)
+        torch.manual_seed(step)
+        smart.step(lambda b=b: model(**b), attention_mask=b["attention_mask"])
+        if step > 0:  # the teacher follows the weights the last optimizer step gave
+            with torch.no_grad():
+                for t, p in zip(teacher.parameters(), twin.parameters(), strict=True):
+                    t.mul_(beta).add_(p, alpha=1 - beta)
+        torch.manual_seed(step)
+        reference_smart_proximal(twin, teacher, b, mu)
+        difference = relative_difference(parameter_gradients(model), parameter_gradients(twin))
+        assert difference <= 1e-5, f"step {step}: gradients differ by {difference:.3g}"
+        opt.step(), twin_opt.step()
+        opt.zero_grad(), twin_opt.zero_grad()
+    assert [p.data_ptr() for p in model.parameters()] == own, "the model was left on other tensors"
+    # The proximal term moved the training: SMART without it ends elsewhere.
+    alone, start = build(model_kind), build(model_kind)
+    smart_alone = SMART(alone, **PROXIMAL)
+    alone_opt = torch.optim.SGD(alone.parameters(), lr=0.5)
+    for step in range(steps):
+        b = batch(model_kind, seed=step)
+        torch.manual_seed(step)
+        smart_alone.step(lambda b=b: alone(**b), attention_mask=b["attention_mask"])
+        alone_opt.step()
+        alone_opt.zero_grad()
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    moved = relative_difference(flat(model) - flat(start), flat(alone) - flat(start))
+    assert moved > 1e-3, f"the proximal term changed the update by {moved:.3g} only"
+
+
+def test_smart_proximal_point_is_zero_at_the_first_step_and_frozen_weights_are_not_copied():
+    model = tiny_bert()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    twin = copy.deepcopy(model)
+    b = batch("bert")
+    smart = SMART(model, **PROXIMAL, proximal_weight=3.0)
+    torch.manual_seed(0)
+    smart.step(lambda: model(**b), attention_mask=b["attention_mask"])
+    torch.manual_seed(0)
+    SMART(twin, **PROXIMAL).step(lambda: twin(**b), attention_mask=b["attention_mask"])
+    # The teacher is the model at the first step: a divergence at its minimum, whose gradient is zero.
+    assert relative_difference(parameter_gradients(model), parameter_gradients(twin)) <= 1e-6
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(smart._teacher.weights) == len(trainable)
+    assert sum(w.numel() for w in smart._teacher.weights) == sum(p.numel() for p in trainable)
+
+
+def test_smart_teacher_forward_that_raises_leaves_the_model_on_its_own_weights():
+    model = tiny_bert()
+    b = batch("bert")
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    own = [p.data_ptr() for p in model.parameters()]
+    smart = SMART(model, **PROXIMAL, proximal_weight=1.0)
+    smart.step(lambda: model(**b), attention_mask=b["attention_mask"])  # the teacher exists
+    with torch.no_grad():
+        for w in smart._teacher.weights:
+            w.add_(1.0)  # the teacher now differs from the model
+
+    def closure():
+        raise RuntimeError("the data loader failed")
+
+    with pytest.raises(RuntimeError, match="data loader"):
+        smart.step(closure)
+    assert [p.data_ptr() for p in model.parameters()] == own
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, start[k]), k
+
+
+def test_smart_proximal_point_refuses_sharded_parameters_and_a_bad_momentum():
+    model = tiny_bert()
+    b = batch("bert")
+    next(model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks its partitioned parameters
+    with pytest.raises(NotImplementedError, match="proximal_weight=0"):
+        SMART(model, proximal_weight=1.0).step(lambda: model(**b))
+    with pytest.raises(ValueError, match=r"proximal_momentum must be in \[0, 1\)"):
+        SMART(model, proximal_weight=1.0, proximal_momentum=1.0)
+
+
 def test_bad_arguments_say_what_was_found():
     model = tiny_bert()
     with pytest.raises(ValueError, match="noise must be"):

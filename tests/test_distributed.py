@@ -103,6 +103,7 @@ ORDER_CASES = [
     # function of the ids (tests/distributed_worker.py), so that a rank's half batch gets one process's numbers
     "vat_step",
     "smart_step",
+    "smart_proximal_step",  # the momentum teacher's forward too, without gradients, through the DDP wrapper
     "r3f_step",
     "r3f_frozen_step",
 ]

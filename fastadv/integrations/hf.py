@@ -29,7 +29,8 @@ What one step does. Trainer calls ``training_step`` once per micro-batch; the Tr
 
 - ``closure`` recomputes ``self.compute_loss(model, inputs, num_items_in_batch=...)`` on the same inputs
   (an FGM step calls it twice, PGD K + 1 times, FreeLB K times, GradientPenalty twice, VAT and SMART
-  K + 2 times, R3F twice; for those three with ``return_outputs=True``: they compare the logits);
+  K + 2 times (SMART with its proximal point K + 3), R3F twice; for those three with
+  ``return_outputs=True``: they compare the logits);
 - ``backward`` divides by the number of accumulation steps when Trainer divides, averages over
   ``DataParallel`` GPUs and calls ``self.accelerator.backward``, for every pass that reaches the
   parameters: fp16's GradScaler, DDP and gradient accumulation see each pass as they see Trainer's

@@ -14,7 +14,8 @@ Passes per step, and where they stop short of the parameters:
 - VAT: the clean forward; ``power_iterations`` forwards at ``e + r``, each with a backward to r alone
   (``torch.autograd.grad``: no parameter gradient is computed); one forward at ``e + r_adv``; one
   backward of ``loss + weight * KL``.
-- SMART: as VAT, with ``steps`` ascent passes and a symmetric KL.
+- SMART: as VAT, with ``steps`` ascent passes and a symmetric KL; with ``proximal_weight`` one more forward
+  before the clean one, without gradients (the momentum teacher's).
 
 The clean forward is the task loss's own: a step costs the plain step plus the passes above, and nothing
 that grows with the vocabulary.
@@ -202,12 +203,15 @@ class _Consistency:
         # inner passes' gradients go to the deltas alone and pass no parameter's AccumulateGrad.
         self._guard.arm()
         try:
+            before = self._before_clean_pass(closure)
             loss, clean = loss_and_logits(closure())
             try:
                 term = self._term(closure, clean, scaler)
+                extra = self._extra_term(before, clean)
             finally:
                 self._mask, self._deltas, self._draw = None, [], None
-            total = self.weight * term if loss is None else loss + self.weight * term
+            term_total = self.weight * term if extra is None else self.weight * term + extra
+            total = term_total if loss is None else loss + term_total
             self._guard.loss(total)  # not finite: the step gives .grad nothing, and is counted
             backward(total)
         finally:
@@ -216,6 +220,14 @@ class _Consistency:
 
     def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
         raise NotImplementedError
+
+    def _before_clean_pass(self, closure: OutputClosure) -> torch.Tensor | None:
+        """A pass a subclass runs before the clean forward (SMART's teacher); its result goes to _extra_term."""
+        return None
+
+    def _extra_term(self, before: torch.Tensor | None, clean: torch.Tensor) -> torch.Tensor | None:
+        """A second term, already weighted, added to the loss (SMART's proximal point); None: none."""
+        return None
 
     # ------------------------------------------------------------ passes
 
@@ -452,11 +464,20 @@ class SMART(_Consistency):
     3. The loss is ``loss + weight * (KL(p.detach() || p_adv) + KL(p_adv.detach() || p))``: the symmetric KL of
        the published code, each side trained through the other's fixed copy.
 
-    A g that holds NaN/Inf leaves the noise as it was, counted in :attr:`skipped_steps`. The Bregman
-    proximal point (the momentum teacher of the paper's second term) is not part of this class.
+    4. With ``proximal_weight`` mu > 0, the Bregman proximal point of the paper (its momentum teacher):
+       ``+ mu * (KL(p_teacher || p) + KL(p || p_teacher))`` on the clean inputs, the teacher's weights
+       ``theta~ <- momentum * theta~ + (1 - momentum) * theta`` updated at the start of every step (so from
+       the weights the last optimizer step gave; at the first step theta~ = theta and the term's gradient is
+       zero), held fixed in the term.
+
+    A g that holds NaN/Inf leaves the noise as it was, counted in :attr:`skipped_steps`.
 
     Passes: the clean forward, ``steps`` forwards each with a backward to the noise alone, one forward at
-    the final noise, one backward of the sum.
+    the final noise, one backward of the sum; with the proximal point one more forward, without gradients
+    (the teacher's: the model's trainable parameters point at the teacher's tensors for its duration and
+    back after, whatever it raises). The teacher holds one copy of every trainable parameter, in its dtype
+    (the word embedding's too when it is trained): the method's own memory, not fastadv's. It is refused
+    under FSDP2 and DeepSpeed (sharded parameters: not tested).
 
     Args:
         model: the model being trained.
@@ -467,6 +488,8 @@ class SMART(_Consistency):
         norm: "l2" or "linf", the norm of the ascent and the ball.
         weight: lambda_s, the factor of the symmetric KL.
         emb_name: None for the input embedding; a string for the one table whose name contains it.
+        proximal_weight: mu, the factor of the Bregman proximal term; 0 (the default) leaves it out.
+        proximal_momentum: beta in [0, 1), the teacher's momentum (the paper's 0.99).
     """
 
     method = "SMART"
@@ -481,9 +504,19 @@ class SMART(_Consistency):
         norm: Norm = "linf",
         weight: float = 1.0,
         emb_name: str | None = None,
+        proximal_weight: float = 0.0,
+        proximal_momentum: float = 0.99,
     ) -> None:
         if norm not in ("l2", "linf"):
             raise ValueError(f"norm must be 'l2' or 'linf', found {norm!r}.")
+        self.proximal_weight = check_epsilon(proximal_weight, "proximal_weight")
+        self.proximal_momentum = check_epsilon(proximal_momentum, "proximal_momentum")
+        if self.proximal_momentum >= 1:
+            raise ValueError(
+                f"proximal_momentum must be in [0, 1) (the teacher's share of its last weights), found "
+                f"{proximal_momentum}."
+            )
+        self._teacher: MomentumTeacher | None = None  # made at the first step with the proximal term
         self.epsilon = check_epsilon(epsilon)
         self.step_size = check_epsilon(step_size, "step_size")
         self.noise_var = check_epsilon(noise_var, "noise_var")
@@ -494,8 +527,32 @@ class SMART(_Consistency):
     def __repr__(self) -> str:
         return (
             f"SMART(epsilon={self.epsilon}, step_size={self.step_size}, noise_var={self.noise_var}, "
-            f"steps={self.steps}, norm={self.norm!r}, weight={self.weight}, embedding={self.name!r})"
+            f"steps={self.steps}, norm={self.norm!r}, weight={self.weight}, "
+            f"proximal_weight={self.proximal_weight}, proximal_momentum={self.proximal_momentum}, "
+            f"embedding={self.name!r})"
         )
+
+    def _before_clean_pass(self, closure: OutputClosure) -> torch.Tensor | None:
+        """The teacher's clean logits (B x C or B x T x C, no gradient), its weights updated first."""
+        if self.proximal_weight == 0:
+            return None
+        if self._teacher is None:
+            self._teacher = MomentumTeacher(self.model, self._data_parallel.wrapper, self.method)
+        else:
+            self._teacher.update(self.proximal_momentum)
+        return self._teacher.logits(closure)
+
+    def _extra_term(self, before: torch.Tensor | None, clean: torch.Tensor) -> torch.Tensor | None:
+        if before is None:
+            return None
+        if before.shape != clean.shape:
+            raise RuntimeError(
+                f"the teacher's forward gave logits of shape {tuple(before.shape)}, the clean forward "
+                f"{tuple(clean.shape)}: the closure must run the same batch every time."
+            )
+        mask = self._mask_for(clean)
+        bregman = kl_divergence(before, clean, mask) + kl_divergence(clean, before, mask)
+        return self.proximal_weight * bregman
 
     def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
         def draw(ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
@@ -520,6 +577,47 @@ class SMART(_Consistency):
             return moved.clamp(-self.epsilon, self.epsilon)
         m_norm = torch.linalg.vector_norm(moved, dim=-1, keepdim=True)
         return moved * torch.where(m_norm > self.epsilon, self.epsilon / m_norm.clamp(min=1e-12), 1.0)
+
+
+class MomentumTeacher:
+    """SMART's momentum teacher: an exponential moving average of ``model``'s trainable parameters, and the
+    model's forward on it.
+
+    One tensor per parameter that requires grad (shared, tied parameters once), in the parameter's dtype and
+    device; frozen parameters are the model's own. Its forward points each trainable parameter's ``.data`` at
+    the teacher's tensor and back (no copy), under ``torch.no_grad()``.
+    """
+
+    def __init__(self, model: nn.Module, wrapper: nn.Module | None, method: str) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        sharded = [p for p in self.params if type(p).__name__ == "DTensor" or hasattr(p, "ds_id")]
+        if sharded or (wrapper is not None and type(wrapper).__name__ == "DeepSpeedEngine"):
+            raise NotImplementedError(
+                f"{method}'s proximal point keeps a teacher copy of the trainable parameters, which is not tested "
+                "with sharded ones (FSDP2, DeepSpeed): use proximal_weight=0 there, or DDP / one process."
+            )
+        if not self.params:
+            raise ValueError(f"{method}'s proximal point needs trainable parameters, and the model has none.")
+        with torch.no_grad():
+            self.weights = [p.detach().clone() for p in self.params]
+
+    def update(self, momentum: float) -> None:
+        """theta~ <- momentum * theta~ + (1 - momentum) * theta, on the device (one fused call)."""
+        with torch.no_grad():
+            torch._foreach_lerp_(self.weights, [p.detach() for p in self.params], 1.0 - momentum)
+
+    def logits(self, closure: OutputClosure) -> torch.Tensor:
+        """The closure's logits with the teacher's weights, detached; the model's own weights after, always."""
+        own = [p.data for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, w in zip(self.params, self.weights, strict=True):
+                    p.data = w
+                _, logits = loss_and_logits(closure())
+        finally:
+            for p, w in zip(self.params, own, strict=True):
+                p.data = w
+        return logits.detach()
 
 
 def _check_steps(value: int, name: str) -> int:
