@@ -264,6 +264,50 @@ def test_a_huge_noise_whose_pass_overflows_leaves_grad_finite_and_is_counted():
     assert r3f.skipped_steps == 1
 
 
+@pytest.mark.parametrize("case", ["r3f_uniform", "vat", "smart_linf"])
+def test_the_table_gradient_comes_as_rows_with_torchs_dense_numbers(case, monkeypatch):
+    """The step's backward runs through two lookups of the table: fastadv gives the table a zero .grad first, so
+    each adds its rows (no V x d gradient per lookup, no V x d sum); the numbers are torch's dense backward's."""
+    import fastadv.targets.row_gradients as row_gradients
+
+    make, _ = CASES[case]
+    b = batch("bert")
+    grads = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("FASTADV_ROW_GRADIENTS", flag)
+        model = tiny_bert()
+        adversary = make(model)
+        lookups = []
+        original = row_gradients.row_gradient_lookup
+        spy = lambda *a, o=original, seen=lookups, **k: (seen.append(1), o(*a, **k))[1]  # noqa: E731
+        monkeypatch.setattr(row_gradients, "row_gradient_lookup", spy)
+        torch.manual_seed(7)
+        adversary.step(lambda model=model: model(**b), attention_mask=b["attention_mask"])
+        monkeypatch.setattr(row_gradients, "row_gradient_lookup", original)
+        # The clean and the perturbed forwards' lookups at least (VAT's and SMART's inner ones too, whose gradient
+        # goes to the perturbation alone).
+        lookups_wanted = len(lookups) == 0 if flag == "0" else len(lookups) >= 2
+        assert lookups_wanted, f"FASTADV_ROW_GRADIENTS={flag}: {len(lookups)} row lookups"
+        grads[flag] = parameter_gradients(model)
+    assert torch.equal(grads["0"], grads["1"])
+
+
+def test_a_failed_step_leaves_the_table_without_a_gradient():
+    model = tiny_bert()
+    b = batch("bert")
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the second forward failed")
+        return model(**b)
+
+    with pytest.raises(RuntimeError, match="second forward"):
+        R3F(model).step(closure)
+    assert model.get_input_embeddings().weight.grad is None
+
+
 # ---------------------------------------------------------------- SMART's Bregman proximal point
 
 PROXIMAL = dict(epsilon=0.05, step_size=0.02, noise_var=0.01, steps=1, weight=1.5)

@@ -99,6 +99,7 @@ ORDER_CASES = [
     "fgm_bucketview_step_no_sync",
     "pgd_bucketview_step",
     "freelb_bucketview_step",
+    "r3f_bucketview_step",  # the table's zero .grad made before the step's forwards, then DDP's bucket view
     # VAT, SMART, R3F: several forwards (the inner ones under no_sync) before one backward; their noise a
     # function of the ids (tests/distributed_worker.py), so that a rank's half batch gets one process's numbers
     "vat_step",

@@ -33,6 +33,7 @@ from torch import nn
 from ..distributed import DataParallelBinding, data_parallel_wrapper
 from ..errors import MissingGradientError
 from ..targets import RowGradientHooks, lookup_scale, on_output, subscribe
+from ..targets.row_gradients import prepare_dense_gradient
 from ._common import BackwardFn, SkipCounter, check_epsilon, output_gradients, plain_backward
 from ._finite import FiniteGuard
 from .freelb import _word_embedding
@@ -202,6 +203,9 @@ class _Consistency:
         # Armed before the forwards: it notes an fp16 lookup there (its overflows are the scaler's to see). The
         # inner passes' gradients go to the deltas alone and pass no parameter's AccumulateGrad.
         self._guard.arm()
+        # The step's one backward runs through the clean and the perturbed lookups: into a dense .grad each adds
+        # its rows, where torch would make a V x d gradient for each and their sum.
+        prepared = [] if self._data_parallel.deepspeed else [prepare_dense_gradient(m) for m in self.modules]
         try:
             before = self._before_clean_pass(closure)
             loss, clean = loss_and_logits(closure())
@@ -214,6 +218,11 @@ class _Consistency:
             total = term_total if loss is None else loss + term_total
             self._guard.loss(total)  # not finite: the step gives .grad nothing, and is counted
             backward(total)
+        except BaseException:
+            for weight in prepared:  # a failed step leaves .grad as it found it
+                if weight is not None:
+                    weight.grad = None
+            raise
         finally:
             self._guard.disarm()
         return (term if loss is None else loss).detach()

@@ -58,3 +58,28 @@ def remade_lookup(module: nn.Module, ids: object, output: object) -> torch.Tenso
     if scale is None:  # a forward of its own that is not a scaled lookup: leave it to torch
         return None
     return on_output(row_gradient_lookup(weight, ids, module.padding_idx, module.scale_grad_by_freq), scale)
+
+
+def prepare_dense_gradient(module: nn.Module) -> torch.Tensor | None:
+    """Give ``module``'s table a zero ``.grad`` when it has none and its lookups would then add their gradient as
+    rows (see :func:`remade_lookup`); returns the weight so given (the caller takes it back if its step fails),
+    else None.
+
+    For a step whose one backward runs through several lookups of the table (VAT, SMART and R3F: the clean and
+    the perturbed forwards): torch's backward would zero-fill a V x d gradient for each and add them up; with a
+    dense ``.grad`` there is one zero fill, and each lookup adds its rows. The same numbers: each row is
+    ``0 + sum_1 + sum_2``, as torch's ``sum_1 + sum_2``.
+    """
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.grad is not None or getattr(module, "sparse", True):
+        return None
+    if type(weight) not in (torch.Tensor, nn.Parameter) or hasattr(weight, "ds_id") or hasattr(weight, "grad_accum"):
+        return None  # an FSDP2 shard or a DeepSpeed parameter: their engines make and own the gradient
+    if not (weight.requires_grad and weight.is_leaf) or weight._backward_hooks or _compiling():
+        return None
+    if type(module).forward is not nn.Embedding.forward and not hasattr(module, "embed_scale"):
+        return None
+    if not row_gradients_enabled():
+        return None
+    weight.grad = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    return weight
