@@ -13,6 +13,7 @@ step, so every cycle must leave the weights exactly where they started:
     freelb        FreeLB.step(closure), K = 3
     gp            GradientPenalty.step(closure), finite difference
     vat, smart, r3f   VAT.step, SMART.step (K = 3 each), R3F.step; their closure returns the model's output
+    smart_proximal    SMART.step with its momentum teacher (each step's teacher forward swaps the weights' .data)
 
 Each cycle starts with ``zero_grad()``, set to None or zeroed in place at random (older scripts do the
 latter). Per method it reports the process's resident memory after the warm-up cycles and at the end, the
@@ -59,7 +60,7 @@ LAYOUT = Layout(
         "seconds",
     ),
 )
-METHODS = ("fgm", "fgm_output", "pgd", "pgd_step", "freelb", "gp", "vat", "smart", "r3f")
+METHODS = ("fgm", "fgm_output", "pgd", "pgd_step", "freelb", "gp", "vat", "smart", "smart_proximal", "r3f")
 EPSILON, ALPHA, K = 1.0, 0.3, 3
 RSS_SLACK_BYTES, RSS_SLACK_FRACTION = 16 * 2**20, 0.05
 Batch = dict[str, torch.Tensor]
@@ -101,10 +102,13 @@ def build(method: str, model: torch.nn.Module) -> tuple[object, Callable[[Batch]
     if method == "gp":
         gp = GradientPenalty(model, 0.01)
         return gp, lambda batch: gp.step(lambda: loss(batch))
-    if method in ("vat", "smart", "r3f"):
+    if method in ("vat", "smart", "smart_proximal", "r3f"):
         makers = {
             "vat": lambda: VAT(model, epsilon=EPSILON, power_iterations=K),
             "smart": lambda: SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01, steps=K),
+            "smart_proximal": lambda: SMART(
+                model, epsilon=0.05, step_size=0.02, noise_var=0.01, steps=K, proximal_weight=1.0
+            ),
             "r3f": lambda: R3F(model, epsilon=0.1),
         }
         term = makers[method]()
