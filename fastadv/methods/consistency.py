@@ -546,7 +546,7 @@ class SMART(_Consistency):
         if self.proximal_weight == 0:
             return None
         if self._teacher is None:
-            self._teacher = MomentumTeacher(self.model, self._data_parallel.wrapper, self.method)
+            self._teacher = MomentumTeacher(self.model, self._data_parallel.deepspeed, self.method)
         else:
             self._teacher.update(self.proximal_momentum)
         return self._teacher.logits(closure)
@@ -597,10 +597,10 @@ class MomentumTeacher:
     the teacher's tensor and back (no copy), under ``torch.no_grad()``.
     """
 
-    def __init__(self, model: nn.Module, wrapper: nn.Module | None, method: str) -> None:
+    def __init__(self, model: nn.Module, under_deepspeed: bool, method: str) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
         sharded = [p for p in self.params if type(p).__name__ == "DTensor" or hasattr(p, "ds_id")]
-        if sharded or (wrapper is not None and type(wrapper).__name__ == "DeepSpeedEngine"):
+        if sharded or under_deepspeed:
             raise NotImplementedError(
                 f"{method}'s proximal point keeps a teacher copy of the trainable parameters, which is not tested "
                 "with sharded ones (FSDP2, DeepSpeed): use proximal_weight=0 there, or DDP / one process."
