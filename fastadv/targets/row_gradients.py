@@ -36,6 +36,19 @@ def _compiling() -> bool:
     return torch._dynamo.is_compiling()
 
 
+def _table_takes_rows(module: nn.Module) -> bool:
+    """The table's gradient could be added as rows: a trainable leaf with a dense gradient of its own (not
+    ``sparse=True``) and no tensor hooks (they expect the dense gradient)."""
+    weight = module.weight
+    return not module.sparse and weight.requires_grad and weight.is_leaf and not weight._backward_hooks
+
+
+def _forward_is_a_lookup(module: nn.Module) -> bool:
+    """nn.Embedding's forward or a scaled one: a forward of its own (positions computed from the input's
+    shape...) is not re-run here."""
+    return type(module).forward is nn.Embedding.forward or hasattr(module, "embed_scale")
+
+
 def remade_lookup(module: nn.Module, ids: object, output: object) -> torch.Tensor | None:
     """The module's output again, through :func:`fastadv.ops.row_gradient_lookup`, when its table's
     gradient can be added as rows (see :class:`fastadv.targets.hook.RowGradientHooks`); else None (unchanged)."""
@@ -44,7 +57,7 @@ def remade_lookup(module: nn.Module, ids: object, output: object) -> torch.Tenso
     if _compiling() or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
         return None
     weight = module.weight
-    if module.sparse or not (weight.requires_grad and weight.is_leaf) or weight._backward_hooks:
+    if not _table_takes_rows(module):
         return None  # a sparse gradient of its own, no gradient, or tensor hooks that expect the dense one
     if not has_dense_gradient(weight):
         return None  # nothing dense to add into (the first pass makes .grad; a DTensor shard; a sparse .grad)
@@ -52,8 +65,8 @@ def remade_lookup(module: nn.Module, ids: object, output: object) -> torch.Tenso
         return None  # a subclass called with something else (BART's positions take the embeddings' shape)
     if ids.numel() >= weight.shape[0] or not row_gradients_enabled():
         return None  # as many lookups as rows: the dense gradient is no larger
-    if type(module).forward is not nn.Embedding.forward and not hasattr(module, "embed_scale"):
-        return None  # a forward of its own (positions computed from the input's shape...): not re-run here
+    if not _forward_is_a_lookup(module):
+        return None
     scale = known_lookup_scale(module, ids, output)
     if scale is None:  # a forward of its own that is not a scaled lookup: leave it to torch
         return None
@@ -71,13 +84,11 @@ def prepare_dense_gradient(module: nn.Module) -> torch.Tensor | None:
     ``0 + sum_1 + sum_2``, as torch's ``sum_1 + sum_2``.
     """
     weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.grad is not None or getattr(module, "sparse", True):
+    if not isinstance(weight, torch.Tensor) or weight.grad is not None or not hasattr(module, "sparse"):
         return None
     if type(weight) not in (torch.Tensor, nn.Parameter) or hasattr(weight, "ds_id") or hasattr(weight, "grad_accum"):
         return None  # an FSDP2 shard or a DeepSpeed parameter: their engines make and own the gradient
-    if not (weight.requires_grad and weight.is_leaf) or weight._backward_hooks or _compiling():
-        return None
-    if type(module).forward is not nn.Embedding.forward and not hasattr(module, "embed_scale"):
+    if not _table_takes_rows(module) or _compiling() or not _forward_is_a_lookup(module):
         return None
     if not row_gradients_enabled():
         return None
