@@ -13,14 +13,13 @@ micro-batch gets the noise one process gives those examples.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import tempfile
 
 import torch
 import torch.distributed as dist
-from distributed_worker import noise_of_the_ids
+from distributed_worker import noise_of_ids
 from models import batches, tiny_bert
 
 STEPS, MICRO, LR = 3, 4, 0.1  # optimizer steps; examples per micro-batch, over all ranks
@@ -60,18 +59,6 @@ def closure_of(model: torch.nn.Module, method: str, ids: torch.Tensor, labels: t
     if method in CONSISTENCY:
         return lambda: model(input_ids=ids, labels=labels)
     return lambda: model(input_ids=ids, labels=labels).loss
-
-
-@contextlib.contextmanager
-def noise_of_ids():
-    """VAT's, SMART's and R3F's noise drawn from the ids alone while the block runs."""
-    import fastadv.methods.consistency as consistency
-
-    drawn, consistency.random_like = consistency.random_like, noise_of_the_ids
-    try:
-        yield
-    finally:
-        consistency.random_like = drawn
 
 
 def micro_batches(accumulation: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

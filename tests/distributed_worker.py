@@ -6,6 +6,7 @@ final weights, which the test compares with one process trained on whole batches
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 
@@ -16,12 +17,18 @@ from fastadv.snippets import pgd_snippet_step
 
 
 def train(model: torch.nn.Module, adversary, data: list, steps_on: str, lr: float = 0.1) -> None:
+    with noise_of_ids():  # VAT, SMART, R3F: a rank's half batch gets one process's noise
+        _train(model, adversary, data, steps_on, lr)
+
+
+@contextlib.contextmanager
+def noise_of_ids():
+    """VAT's, SMART's and R3F's noise drawn by :func:`noise_of_the_ids` while the block runs."""
     import fastadv.methods.consistency as consistency
 
-    drawn = consistency.random_like
-    consistency.random_like = noise_of_the_ids  # VAT, SMART, R3F: a rank's half batch gets one process's noise
+    drawn, consistency.random_like = consistency.random_like, noise_of_the_ids
     try:
-        _train(model, adversary, data, steps_on, lr)
+        yield
     finally:
         consistency.random_like = drawn
 
