@@ -148,6 +148,15 @@ def _finite(values: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(low) & torch.isfinite(high)
 
 
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """bool, 0-dim, on the device: every element of every tensor (at least one) finite; no temporary of their
+    size (see :func:`_finite`)."""
+    ok = _finite(tensors[0])
+    for tensor in tensors[1:]:
+        ok = ok & _finite(tensor)
+    return ok
+
+
 def _guardable(param: torch.Tensor) -> bool:
     """A leaf parameter whose gradient autograd adds into ``.grad`` itself: not an FSDP2 shard (a DTensor), not
     a DeepSpeed ZeRO-3 partition (``ds_id``: ZeRO-3 swaps its storage and adds its gradients itself)."""

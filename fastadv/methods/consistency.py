@@ -35,7 +35,7 @@ from ..errors import MissingGradientError
 from ..targets import RowGradientHooks, lookup_scale, on_output, subscribe
 from ..targets.row_gradients import prepare_dense_gradient
 from ._common import BackwardFn, SkipCounter, check_epsilon, output_gradients, plain_backward
-from ._finite import FiniteGuard
+from ._finite import FiniteGuard, all_finite
 from .freelb import _word_embedding
 
 OutputClosure = Callable[[], object]
@@ -276,7 +276,7 @@ class _Consistency:
         scaled = divergence if scaler is None else scaler.scale(divergence)
         grads = output_gradients(scaled, self._deltas, self.method)  # reentrant checkpointing: a clear error
         grads = [torch.zeros_like(d) if g is None else g.float() for d, g in zip(self._deltas, grads, strict=True)]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        finite = all_finite(grads)
         self._skipped.merge_into_last(~finite)  # one count per step
         return grads, finite
 

@@ -13,7 +13,7 @@ from ..distributed import DataParallelBinding, data_parallel_wrapper
 from ..errors import EmbeddingNotFoundError, MissingGradientError
 from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
 from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward, plain_step
-from ._finite import FiniteGuard
+from ._finite import FiniteGuard, all_finite
 
 FreeLBNorm = Literal["l2", "linf"]
 
@@ -309,7 +309,7 @@ class FreeLB:
             moved = delta + self.adv_lr * grad / denorm
             if self.adv_max_norm > 0:
                 moved = moved.clamp(-self.adv_max_norm, self.adv_max_norm)
-        finite = torch.isfinite(grad).all()
+        finite = all_finite([grad])
         self._skipped.merge_into_last(~finite)  # one count per step
         return torch.where(finite, moved, delta)  # on the device: no host sync
 

@@ -21,7 +21,7 @@ from ._common import (
     plain_backward,
     plain_step,
 )
-from ._finite import FiniteGuard
+from ._finite import FiniteGuard, all_finite
 
 Mode = Literal["finite_difference", "exact"]
 
@@ -130,7 +130,7 @@ class GradientPenalty:
                 grads = [g if g is None else g.div_(scale) for g in self._output_gradients(scaler.scale(loss), False)]
         present = [g for g in grads if g is not None]
         # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
-        finite = torch.stack([torch.isfinite(g).all() for g in present]).all()
+        finite = all_finite(present)
         self._skipped.merge_into_last(~finite)
         # autograd.grad's results are ours: scale them in place, zeroed on a skip.
         epsilon = self._rank_epsilon()
