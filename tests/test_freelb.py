@@ -9,6 +9,7 @@ from models import BagOfEmbeddings, bag_loss, batches, tiny_bert, tiny_gpt2, twi
 from torch import nn
 
 from fastadv import EmbeddingNotFoundError, FreeLB, MissingGradientError
+from fastadv.snippets import freelb_snippet_step
 
 CONFIGS = {
     # adv_lr=0.3 moves every sequence's delta past adv_max_norm=0.2 (its start has norm <= 0.05): projected.
@@ -32,66 +33,6 @@ def bert_batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 def bert_closure(model: nn.Module, ids, mask, labels):
     return lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss
-
-
-def reference_freelb(
-    model: nn.Module,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    labels: torch.Tensor,
-    adv_lr: float = 0.1,
-    adv_steps: int = 3,
-    adv_init_mag: float = 0.0,
-    adv_max_norm: float = 0.0,
-    norm: str = "l2",
-    keep_clean_loss: bool = False,
-) -> torch.Tensor:
-    """The published FreeLB step (the authors' huggingface script), through inputs_embeds. Returns the summed loss."""
-    total = 0
-    if keep_clean_loss:
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        total = loss.detach()
-    embeds_init = model.get_input_embeddings()(ids)
-    if adv_init_mag > 0:
-        input_mask = mask.to(embeds_init)
-        input_lengths = torch.sum(input_mask, 1)
-        if norm == "l2":
-            delta = torch.zeros_like(embeds_init).uniform_(-1, 1) * input_mask.unsqueeze(2)
-            dims = input_lengths * embeds_init.size(-1)
-            mag = adv_init_mag / torch.sqrt(dims)
-            delta = (delta * mag.view(-1, 1, 1)).detach()
-        else:
-            delta = torch.zeros_like(embeds_init).uniform_(-adv_init_mag, adv_init_mag) * input_mask.unsqueeze(2)
-    else:
-        delta = torch.zeros_like(embeds_init)
-    for astep in range(adv_steps):
-        delta.requires_grad_()
-        inputs_embeds = embeds_init + delta
-        loss = model(inputs_embeds=inputs_embeds, attention_mask=mask, labels=labels).loss
-        loss = loss / adv_steps
-        total = total + loss.detach()
-        loss.backward()
-        if astep == adv_steps - 1:
-            break
-        delta_grad = delta.grad.clone().detach()
-        if norm == "l2":
-            denorm = torch.norm(delta_grad.view(delta_grad.size(0), -1), dim=1).view(-1, 1, 1)
-            denorm = torch.clamp(denorm, min=1e-8)
-            delta = (delta + adv_lr * delta_grad / denorm).detach()
-            if adv_max_norm > 0:
-                delta_norm = torch.norm(delta.view(delta.size(0), -1).float(), p=2, dim=1).detach()
-                exceed_mask = (delta_norm > adv_max_norm).to(embeds_init)
-                reweights = (adv_max_norm / delta_norm * exceed_mask + (1 - exceed_mask)).view(-1, 1, 1)
-                delta = (delta * reweights).detach()
-        else:
-            denorm = torch.norm(delta_grad.view(delta_grad.size(0), -1), dim=1, p=float("inf")).view(-1, 1, 1)
-            denorm = torch.clamp(denorm, min=1e-8)
-            delta = (delta + adv_lr * delta_grad / denorm).detach()
-            if adv_max_norm > 0:
-                delta = torch.clamp(delta, -adv_max_norm, adv_max_norm).detach()
-        embeds_init = model.get_input_embeddings()(ids)
-    return total
 
 
 def dropout_bert(seed: int = 0) -> nn.Module:
@@ -122,7 +63,7 @@ def test_training_matches_the_reference(config):
         for ids, mask, labels in data:
             opt.zero_grad()
             if run is None:
-                reference_freelb(model, ids, mask, labels, **CONFIGS[config])
+                freelb_snippet_step(model, ids, mask, labels, **CONFIGS[config])
             else:
                 run(bert_closure(model, ids, mask, labels), attention_mask=mask)
             opt.step()
@@ -145,7 +86,7 @@ def test_one_step_gradients_and_loss_match_the_reference(config, emb_name):
         lambda: calls.append(1) or closure(), attention_mask=mask
     )
     torch.manual_seed(5)
-    want_loss = reference_freelb(reference, ids, mask, labels, **CONFIGS[config])
+    want_loss = freelb_snippet_step(reference, ids, mask, labels, **CONFIGS[config])
     want, got = parameter_gradients(reference), parameter_gradients(ours)
     assert got.shape == want.shape
     assert relative_difference(got, want) <= 1e-5
@@ -163,7 +104,7 @@ def test_dropout_keeps_the_reference_rng_order():
     torch.manual_seed(7)
     FreeLB(ours, **config).step(bert_closure(ours, ids, mask, labels), attention_mask=mask)
     torch.manual_seed(7)
-    reference_freelb(reference, ids, mask, labels, **config)
+    freelb_snippet_step(reference, ids, mask, labels, **config)
     got, want = parameter_gradients(ours), parameter_gradients(reference)
     assert relative_difference(got, want) <= 1e-5
     torch.manual_seed(8)  # another seed: other dropout masks, so dropout is really on
