@@ -28,6 +28,7 @@ from ..targets import (
     shared_parameter_names,
     tied_targets,
 )
+from ..targets.structure import structure_version
 from ._common import SkipCounter
 from ._finite import FiniteGuard
 
@@ -70,6 +71,7 @@ class EmbeddingAttack:
         )
         self._targets_by_name: dict[str | None, list[Target]] = {}
         self._table_names: dict[int, str] = {}  # id of each resolved table: its name in the model
+        self._checked_at: dict[str | None, int] = {}  # by emb_name: the structure version its tables were checked at
         self._attacked: list[tuple[Target, object]] | None = None  # (target, its perturbation's handle)
         self._skipped = SkipCounter()
         # From the attack to the restore, a pass whose loss or gradient is not finite gives .grad nothing.
@@ -151,8 +153,10 @@ class EmbeddingAttack:
     def _targets(self, emb_name: str | None) -> list[Target]:
         self._bind_data_parallel_seen()
         targets = self._targets_by_name.get(emb_name)
+        version = structure_version()
         if targets is not None:
-            self._check_tables_in_place(targets)
+            if self._checked_at.get(emb_name) != version:  # no module changed since the last check: none to make
+                self._check_tables_in_place(targets)
         else:
             targets = resolve_targets(
                 self.model,
@@ -170,6 +174,7 @@ class EmbeddingAttack:
             self._table_names.update(
                 {id(t.param): t.name for t in targets if _parameter_at(self.model, t.name) is t.param}
             )
+        self._checked_at[emb_name] = version
         return targets
 
     def _check_tables_in_place(self, targets: list[Target]) -> None:
