@@ -97,8 +97,20 @@ def kl_divergence(
 
     Returns a 0-dim fp32 tensor: ``sum_c p_c (log p_c - log q_c)``, the mean over the (masked) positions.
     """
-    log_p = torch.log_softmax(p_logits.float(), dim=-1)
-    log_q = torch.log_softmax(q_logits.float(), dim=-1)
+    return kl_of_log_probabilities(log_probabilities(p_logits), log_probabilities(q_logits), attention_mask)
+
+
+def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """fp32 log-softmax over the last dimension (B x C or B x T x C). The methods take it once per logits tensor
+    of a step and share it between the divergences that read it: over a causal LM's B x T x V logits it is the
+    term's largest cost."""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def kl_of_log_probabilities(
+    log_p: torch.Tensor, log_q: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`kl_divergence` from the two sides' :func:`log_probabilities`."""
     per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
     if attention_mask is None or per_position.dim() != attention_mask.dim():
         return per_position.mean()
@@ -280,11 +292,14 @@ class _Consistency:
         self._skipped.merge_into_last(~finite)  # one count per step
         return grads, finite
 
-    def _inner_pass(self, closure: OutputClosure, draw, clean: torch.Tensor, scaler) -> tuple:
-        """A forward at ``e + delta`` and the gradient of KL(p_clean || p_delta) to delta alone."""
+    def _inner_pass(
+        self, closure: OutputClosure, draw, clean_log_p: torch.Tensor, mask: torch.Tensor | None, scaler
+    ) -> tuple:
+        """A forward at ``e + delta`` and the gradient of KL(p_clean || p_delta) to delta alone (``clean_log_p``:
+        the clean logits' log-probabilities, detached)."""
         with self._data_parallel.output_gradient_pass():  # DDP: this forward arms no all-reduce
             logits = self._perturbed_logits(closure, draw, probe=True)
-            divergence = kl_divergence(clean.detach(), logits, self._mask_for(clean))
+            divergence = kl_of_log_probabilities(clean_log_p, log_probabilities(logits), mask)
             return self._ascent_gradients(divergence, scaler)
 
     def _mask_for(self, logits: torch.Tensor) -> torch.Tensor | None:
@@ -389,7 +404,8 @@ class R3F(_Consistency):
     def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
         noisy = self._perturbed_logits(closure, self._draw_noise)
         mask = self._mask_for(clean)
-        return kl_divergence(clean, noisy, mask) + kl_divergence(noisy, clean, mask)
+        log_p, log_q = log_probabilities(clean), log_probabilities(noisy)
+        return kl_of_log_probabilities(log_p, log_q, mask) + kl_of_log_probabilities(log_q, log_p, mask)
 
     def _draw_noise(self, ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
         return random_like(self.noise, ids, output) * self.epsilon
@@ -450,15 +466,16 @@ class VAT(_Consistency):
             masks.append(self._positions(ids, index))
             return self.xi * _sequence_unit(random_like("normal", ids, output), masks[-1])
 
+        mask, clean_log_p = self._mask_for(clean), log_probabilities(clean.detach())
         finite = None
         for k in range(self.power_iterations):
-            grads, finite = self._inner_pass(closure, draw if k == 0 else None, clean, scaler)
+            grads, finite = self._inner_pass(closure, draw if k == 0 else None, clean_log_p, mask, scaler)
             size = self.epsilon if k == self.power_iterations - 1 else self.xi
             self._deltas = [
                 torch.where(finite, size * _sequence_unit(g, m), 0.0) for g, m in zip(grads, masks, strict=True)
             ]
         adversarial = self._perturbed_logits(closure, None)
-        return kl_divergence(clean.detach(), adversarial, self._mask_for(clean))
+        return kl_of_log_probabilities(clean_log_p, log_probabilities(adversarial), mask)
 
 
 class SMART(_Consistency):
@@ -560,22 +577,26 @@ class SMART(_Consistency):
                 f"{tuple(clean.shape)}: the closure must run the same batch every time."
             )
         mask = self._mask_for(clean)
-        bregman = kl_divergence(before, clean, mask) + kl_divergence(clean, before, mask)
+        log_teacher, log_p = log_probabilities(before), log_probabilities(clean)
+        bregman = kl_of_log_probabilities(log_teacher, log_p, mask) + kl_of_log_probabilities(log_p, log_teacher, mask)
         return self.proximal_weight * bregman
 
     def _term(self, closure: OutputClosure, clean: torch.Tensor, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
         def draw(ids: torch.Tensor, output: torch.Tensor, index: int) -> torch.Tensor:
             return random_like("normal", ids, output) * self.noise_var
 
+        mask, clean_log_p = self._mask_for(clean), log_probabilities(clean)
+        fixed = clean_log_p.detach()
         for k in range(self.steps):
-            grads, finite = self._inner_pass(closure, draw if k == 0 else None, clean, scaler)
+            grads, finite = self._inner_pass(closure, draw if k == 0 else None, fixed, mask, scaler)
             self._deltas = [
                 torch.where(finite, self._ascend(d.detach(), g), d.detach())
                 for d, g in zip(self._deltas, grads, strict=True)
             ]
-        adversarial = self._perturbed_logits(closure, None)
-        mask = self._mask_for(clean)
-        return kl_divergence(clean.detach(), adversarial, mask) + kl_divergence(adversarial.detach(), clean, mask)
+        adversarial = log_probabilities(self._perturbed_logits(closure, None))
+        return kl_of_log_probabilities(fixed, adversarial, mask) + kl_of_log_probabilities(
+            adversarial.detach(), clean_log_p, mask
+        )
 
     def _ascend(self, noise: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """One projected ascent step per token (over the last dimension)."""
