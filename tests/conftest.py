@@ -23,6 +23,10 @@ import torch  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests' tables are small: on a CPU fastadv would leave them to torch's dense backward (the rows do not
+# pay below fastadv.targets.row_gradients.CPU_MIN_ROW_ELEMENTS). The suite takes the rows wherever they are
+# exact, so that they are tested on every table; test_row_gradients.py tests the default's choice.
+os.environ.setdefault("FASTADV_ROW_GRADIENTS", "1")
 
 import pytest  # noqa: E402
 from sync_checks import static_row_sets  # noqa: E402

@@ -19,6 +19,7 @@ import fastadv.ops.lookup as lookup
 from fastadv import FGM, PGD, FreeLB, GradientPenalty
 from fastadv.ops import compact_ids, row_gradient_lookup
 from fastadv.targets import ROW_GRADIENTS_VARIABLE, RowGradientHooks
+from fastadv.targets.row_gradients import CPU_MIN_ROW_ELEMENTS, row_gradients_wanted
 
 EXACT = DEVICE == "cpu"  # CUDA's sorted segment reduction may sum in another order: 1e-6 relative there
 
@@ -193,6 +194,30 @@ def test_switched_off_by_the_environment(monkeypatch, row_calls):
     monkeypatch.setenv(ROW_GRADIENTS_VARIABLE, "yes")
     with pytest.raises(ValueError, match="FASTADV_ROW_GRADIENTS='yes'"):
         fgm.step(lambda: model(ids).sum())
+
+
+@pytest.mark.parametrize("value", ["auto", ""])
+def test_by_default_a_small_cpu_table_is_left_to_torch_and_a_large_one_takes_the_rows(monkeypatch, value):
+    monkeypatch.setenv(ROW_GRADIENTS_VARIABLE, value)
+    small = torch.zeros(CPU_MIN_ROW_ELEMENTS // 64 - 1, 64)
+    large = torch.zeros(CPU_MIN_ROW_ELEMENTS // 64, 64)
+    assert not row_gradients_wanted(small)
+    assert row_gradients_wanted(large)
+    assert row_gradients_wanted(small.to("meta")), "off the CPU every table takes the rows"
+    monkeypatch.setenv(ROW_GRADIENTS_VARIABLE, "1")
+    assert row_gradients_wanted(small)
+    monkeypatch.setenv(ROW_GRADIENTS_VARIABLE, "0")
+    assert not row_gradients_wanted(large)
+
+
+def test_by_default_a_small_cpu_table_trains_through_torchs_backward(monkeypatch, row_calls):
+    model = BagOfEmbeddings()
+    assert model.emb.weight.numel() < CPU_MIN_ROW_ELEMENTS, "the test's table is not small"
+    fgm = FGM(model)
+    ids = batches(1)[0][0]
+    monkeypatch.setenv(ROW_GRADIENTS_VARIABLE, "auto")
+    fgm.step(lambda: model(ids).sum())
+    assert row_calls == []
 
 
 def test_left_to_torch_where_rows_do_not_apply(row_calls):
