@@ -23,6 +23,10 @@ exit code is 1 when any part failed; "needs CUDA" and "skipped" are not failures
     cost     bench/step_cost.py on a Qwen2-like model (V = 151,936, d = 4096, 2 layers, bf16, 4 x 1024
              tokens, fused AdamW): plain, snippet FGM, FGM.step, pgd.step, FreeLB, the gradient penalty,
              each fastadv step with the table's gradient added as rows and with torch's dense backward.
+    host     bench/host_cost.py on the device: step time and ops per step, fastadv against the snippet (FGM,
+             the PGD loop) and R3F's inputs_embeds reference, at BERT-base's shape (V = 21,128, d = 768, 12
+             layers, bf16, batch 16 x 128 and 32 x 128), where a step is launch-bound; FGM at the cost part's
+             Qwen2 shape (batch 4 x 1024).
     pgd      PGD K=3: the snippet's loop, fastadv's drop-in calls and pgd.step, on a smaller Llama.
     gp       the gradient penalty, finite difference vs exact (eager attention), on the same smaller Llama.
     kernels  each Triton kernel's achieved bandwidth as a fraction of the measured copy bandwidth.
@@ -32,10 +36,11 @@ exit code is 1 when any part failed; "needs CUDA" and "skipped" are not failures
              cut short has saved every measurement. --quick runs tests/ops/test_launch.py only (CI runs
              the suite), so that this runner cannot rot.
 
-Results: gpu_attack.csv, gpu_step.csv, gpu_step_cost.csv, gpu_kernels.csv (appended, with device, versions, commit and
-date), gpu_<device type>.png, gpu_sync.log, gpu_graph.log, gpu_tests.log (pytest's output) and gpu_run.log
-(this output) under --out. A compact summary table is printed last. The parts live in bench/gpu_parts/
-(one module per kind: checks, attack, step, compare, kernels, plot; run.py holds the sizes).
+Results: gpu_attack.csv, gpu_step.csv, gpu_step_cost.csv, gpu_host_cost.csv, gpu_kernels.csv (appended, with
+device, versions, commit and date), gpu_<device type>.png, gpu_sync.log, gpu_graph.log, gpu_tests.log (pytest's
+output) and gpu_run.log (this output) under --out. A compact summary table is printed last. The parts live in
+bench/gpu_parts/ (one module per kind: checks, attack, step, host, compare, kernels, plot; run.py holds the
+sizes).
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from common import RESULTS, fastadv_revision, log, release
 from gpu_parts.attack import part_attack
 from gpu_parts.checks import part_graph, part_sync, part_tests
 from gpu_parts.compare import part_gp, part_pgd
+from gpu_parts.host import part_host
 from gpu_parts.kernels import part_kernels, part_segment
 from gpu_parts.plot import plot
 from gpu_parts.run import FULL, QUICK, NeedsCuda, PartFailed, PartResult, Run, Sizes
@@ -65,14 +71,15 @@ from measure import device_description, environment
 
 # The suite runs last: a run cut short (a lease's time limit) has then saved every measurement, and
 # pytest's log so far.
-PARTS = ("sync", "graph", "attack", "step", "cost", "pgd", "gp", "kernels", "segment", "tests")
+PARTS = ("sync", "graph", "attack", "step", "cost", "host", "pgd", "gp", "kernels", "segment", "tests")
 
 
 def run_parts(run: Run, parts: list[str], skip_tests: bool) -> list[PartResult]:
     """Run ``parts`` in order, each caught, timed and budgeted; the others are listed as skipped."""
     functions: dict[str, Callable[[Run], str]] = {
         "tests": part_tests, "sync": part_sync, "graph": part_graph, "attack": part_attack, "step": part_step,
-        "cost": part_cost, "pgd": part_pgd, "gp": part_gp, "kernels": part_kernels, "segment": part_segment,
+        "cost": part_cost, "host": part_host, "pgd": part_pgd, "gp": part_gp, "kernels": part_kernels,
+        "segment": part_segment,
     }  # fmt: skip
     results = []
     for name in PARTS:

@@ -8,6 +8,7 @@ from pathlib import Path
 import accuracy
 import common
 import consistency
+import host_cost
 import pytest
 import record_growth
 import soak
@@ -26,10 +27,12 @@ LAYOUTS = {
     "soak.csv": soak.LAYOUT,
     "accuracy.csv": accuracy.LAYOUT,
     "consistency.csv": consistency.LAYOUT,
+    "host_cost.csv": host_cost.LAYOUT,
     "gpu_attack.csv": common.SHAPE_LAYOUT,
     "gpu_step.csv": STEP_LAYOUT,
     "gpu_step_cost.csv": step_cost.LAYOUT,
     "gpu_kernels.csv": KERNEL_LAYOUT,
+    "gpu_host_cost.csv": host_cost.LAYOUT,
 }
 
 

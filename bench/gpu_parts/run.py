@@ -53,7 +53,7 @@ FULL = Sizes(
     segment=(128000, 4096, 32768),
     cost=Shape("qwen2-4096", "qwen2", 151_936, 4096, 2, (4, 1024), "embed_tokens"),
     budgets_s={"sync": 90, "graph": 90, "attack": 150, "step": 300, "cost": 120, "pgd": 90, "gp": 90, "kernels": 90}
-    | {"segment": 60},
+    | {"segment": 60, "host": 90},
 )
 QUICK = Sizes(
     repeats=1,
