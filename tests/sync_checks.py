@@ -57,9 +57,10 @@ def host_syncs_forbidden(device: torch.device | str) -> Iterator[None]:
 @contextlib.contextmanager
 def static_row_sets() -> Iterator[None]:
     """Inside the block, row sets and segment sums take their CUDA form on any device: static shapes
-    (sorted ids, first-occurrence flags, min(N, V) slots), no torch.unique. Patches the names that
-    fastadv.targets (the recorder, the weight target, the lookups' gradient) and the row-gradient
-    lookup's backward call."""
+    (sorted ids, first-occurrence flags, min(N, V) slots), no torch.unique; and the NaN guard decides on the
+    device, reading nothing on the host. Patches the names that fastadv.targets (the recorder, the weight
+    target, the lookups' gradient), the row-gradient lookup's backward and the guard call."""
+    import fastadv.methods._finite
     import fastadv.ops.lookup
     import fastadv.targets.gradients
     import fastadv.targets.recorder
@@ -74,5 +75,6 @@ def static_row_sets() -> Iterator[None]:
         mock.patch.object(fastadv.targets.weight, "row_set_from_ids", static_rows),
         mock.patch.object(fastadv.targets.gradients, "segment_sum_by_id", static_segments),
         mock.patch.object(fastadv.ops.lookup, "compact_ids", static_compact),
+        mock.patch.object(fastadv.methods._finite, "reads_on_host", lambda device: False),
     ):
         yield

@@ -3,10 +3,13 @@ zeroing chosen on the device, both ways, against a per-tensor torch reference.""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import ALL_DTYPES, DEVICE, dtype_id
 from models import BagOfEmbeddings, batches, tiny_bert
+from sync_checks import static_row_sets
 
 from fastadv import FGM
 from fastadv.methods._finite import _any_non_finite, zero_if
@@ -85,7 +88,24 @@ def test_the_on_device_zeroing_is_one_op_per_width_whatever_the_number_of_gradie
     assert ops(3) == ops(300)
 
 
-def test_a_step_skipped_for_a_nan_then_a_finite_step_trains_again(backend):
+@pytest.mark.parametrize("where", ["read", "on-device"])
+def test_a_step_skipped_for_a_nan_then_a_finite_step_trains_again(backend, where):
+    with static_row_sets() if where == "on-device" else contextlib.nullcontext():  # the CUDA path on any device
+        step_skipped_for_a_nan_then_a_finite_step()
+
+
+@pytest.mark.parametrize("where", ["read", "on-device"])
+def test_a_step_whose_loss_is_not_finite_is_dropped_whole(backend, where):
+    model = tiny_bert()
+    fgm = FGM(model)
+    ids, labels = batches(1)[0]
+    with static_row_sets() if where == "on-device" else contextlib.nullcontext():
+        fgm.step(lambda: model(input_ids=ids, labels=labels).loss * float("inf"))
+    assert all(not p.grad.count_nonzero() for p in model.parameters() if p.grad is not None)
+    assert fgm.skipped_steps == 1
+
+
+def step_skipped_for_a_nan_then_a_finite_step() -> None:
     model = tiny_bert()
     fgm = FGM(model)
     ids, labels = batches(1)[0]

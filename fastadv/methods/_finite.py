@@ -99,7 +99,7 @@ class FiniteGuard:
         if loss is None:
             return
         loss = loss.detach()
-        if loss.device.type == "cpu" and loss.numel() == 1:  # no device to wait for: read it
+        if reads_on_host(loss.device) and loss.numel() == 1:  # no device to wait for: read it
             self._lost_on_host = self._lost_on_host or not math.isfinite(loss.item())
         else:
             self._record(~torch.isfinite(loss).all())
@@ -118,7 +118,7 @@ class FiniteGuard:
         loss_lost, self._lost = self._lost, None
         if self._lost_on_host:
             loss_lost, self._lost_on_host = torch.ones((), dtype=torch.bool), False
-        if found is not None and found.device.type == "cpu" and loss_lost is None and not found.item():
+        if found is not None and reads_on_host(found.device) and loss_lost is None and not found.item():
             return  # the CPU's common case, read on the host: nothing more to run
         if found is None and loss_lost is None:
             return
@@ -166,6 +166,12 @@ class PrecisionWatch:
         guard._fp16 = autocast_fp16 or module.weight.dtype == torch.float16
 
 
+def reads_on_host(device: torch.device) -> bool:
+    """Whether the guard reads its flags on the host: on the CPU, where there is no device to wait for. (The
+    sync tests make it False on the CPU too, so that a CPU run takes, and proves sync-free, the CUDA path.)"""
+    return device.type == "cpu"
+
+
 def _plain_gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
     """The gradients autograd adds into ``.grad`` as plain tensors (a sparse gradient's values): none of a
     parameter without one, nor FSDP2's DTensor shards. The fast path reads each ``.grad`` once."""
@@ -211,7 +217,7 @@ def zero_if(grads: list[torch.Tensor], condition: torch.Tensor, on_host: bool | 
     either way (tests)."""
     if not grads:
         return
-    if condition.device.type == "cpu" if on_host is None else on_host:
+    if reads_on_host(condition.device) if on_host is None else on_host:
         if bool(condition):
             torch._foreach_zero_(grads)
         return
