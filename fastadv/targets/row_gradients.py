@@ -70,12 +70,12 @@ def remade_lookup(module: nn.Module, ids: object, output: object) -> torch.Tenso
     weight = module.weight
     if not _table_takes_rows(module):
         return None  # a sparse gradient of its own, no gradient, or tensor hooks that expect the dense one
-    if not has_dense_gradient(weight):
-        return None  # nothing dense to add into (the first pass makes .grad; a DTensor shard; a sparse .grad)
     if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
         return None  # a subclass called with something else (BART's positions take the embeddings' shape)
     if ids.numel() >= weight.shape[0] or not row_gradients_wanted(weight):
-        return None  # as many lookups as rows: the dense gradient is no larger
+        return None  # as many lookups as rows: the dense gradient is no larger; or a table the rows do not pay on
+    if not has_dense_gradient(weight):  # after the cheaper tests: reading .grad makes a Python object of it
+        return None  # nothing dense to add into (the first pass makes .grad; a DTensor shard; a sparse .grad)
     if not _forward_is_a_lookup(module):
         return None
     scale = known_lookup_scale(module, ids, output)
