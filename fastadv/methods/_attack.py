@@ -74,14 +74,15 @@ class EmbeddingAttack:
         self._checked_at: dict[str | None, int] = {}  # by emb_name: the structure version its tables were checked at
         self._attacked: list[tuple[Target, object]] | None = None  # (target, its perturbation's handle)
         self._skipped = SkipCounter()
-        # From the attack to the restore, a pass whose loss or gradient is not finite gives .grad nothing.
+        # A step whose passes from the attack to the restore end with a non-finite loss or gradient gives .grad zeros.
         self._guard = FiniteGuard(model, self._skipped)
         self._warned_tied = False
 
     @property
     def skipped_steps(self) -> int:
-        """Attacks skipped because the gradient they read held NaN/Inf, or whose passes (between the attack and
-        the restore) had a non-finite loss or gradient, which then reached no ``.grad``. Reading it syncs."""
+        """Attacks skipped because the gradient they read held NaN/Inf, or whose steps ended (at the restore) with
+        a non-finite loss or gradient, every ``.grad`` then zeroed (the NaN rule, ``fastadv.methods._finite``).
+        Reading it syncs."""
         return int(self._skipped)
 
     def remove_hooks(self) -> None:

@@ -153,8 +153,8 @@ class _Consistency:
     @property
     def skipped_steps(self) -> int:
         """Steps whose ascent gradient (VAT, SMART) held NaN/Inf (the perturbation then left as it was, see the
-        class), or whose combined loss or gradient was not finite (nothing of it reached ``.grad``); each
-        counted once. Reading it syncs."""
+        class), or whose combined loss or gradient was not finite (every ``.grad`` then zeroed, the NaN rule of
+        ``fastadv.methods._finite``); each counted once. Reading it syncs."""
         return int(self._skipped)
 
     def remove_hooks(self) -> None:

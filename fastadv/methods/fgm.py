@@ -164,7 +164,7 @@ class FGM(EmbeddingAttack):
             self.attack()
         try:
             adversarial = check_loss(closure(), "closure()")
-            self._guard.loss(adversarial)  # not finite: the pass gives .grad nothing
+            self._guard.loss(adversarial)  # not finite: the step gives .grad nothing (zeros)
             backward(adversarial)
         finally:
             self.restore()

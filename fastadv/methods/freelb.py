@@ -56,8 +56,8 @@ class FreeLB:
     (left as it is). For half-precision embeddings delta is kept and updated in fp32 and added in the
     output's dtype. The ascent divides by the norm of g, so a loss scale (GradScaler) does not change it;
     an ascent step whose g holds NaN/Inf (e.g. an fp16 overflow) is skipped on the device, delta kept,
-    and a pass whose loss or parameter gradient is not finite gives ``.grad`` nothing (in fp16 its
-    gradients are left for the loss scaler, which skips the update; see ``fastadv.methods._finite``);
+    and a step whose passes end with a non-finite loss or parameter gradient gives ``.grad`` zeros (in fp16
+    its gradients are left for the loss scaler, which skips the update; see ``fastadv.methods._finite``);
     a step with either is counted once in :attr:`skipped_steps`.
 
     Dropout: the published code also reuses the dropout masks of the first pass in the K passes (their
@@ -228,8 +228,9 @@ class FreeLB:
 
     @property
     def skipped_steps(self) -> int:
-        """Steps with an ascent skipped (delta kept) because dL/d delta held NaN/Inf, or an adversarial pass whose
-        non-finite loss or gradient reached no ``.grad``; each step counted once. Reading it syncs with the device."""
+        """Steps with an ascent skipped (delta kept) because dL/d delta held NaN/Inf, or whose adversarial passes
+        ended with a non-finite loss or gradient, every ``.grad`` then zeroed (the NaN rule,
+        ``fastadv.methods._finite``); each step counted once. Reading it syncs with the device."""
         return int(self._skipped)
 
     def remove_hooks(self) -> None:

@@ -144,7 +144,7 @@ class GradientPenalty:
             self._guard.arm()
             stack.callback(self._guard.disarm)
             perturbed = check_loss(closure(), "closure()")
-            self._guard.loss(perturbed)  # not finite: the pass gives .grad nothing
+            self._guard.loss(perturbed)  # not finite: the step gives .grad nothing (zeros)
             backward(perturbed)
         return loss.detach()
 
@@ -168,8 +168,8 @@ class GradientPenalty:
     @property
     def skipped_steps(self) -> int:
         """Steps whose dL/de held NaN/Inf (finite difference: penalty skipped), or whose penalized (exact) or
-        perturbed (finite difference) pass had a non-finite loss or gradient, which then reached no ``.grad``.
-        Each step counted once; reading it syncs."""
+        perturbed (finite difference) pass had a non-finite loss or gradient, every ``.grad`` then zeroed (the NaN
+        rule, ``fastadv.methods._finite``). Each step counted once; reading it syncs."""
         return int(self._skipped)
 
     def remove_hooks(self) -> None:

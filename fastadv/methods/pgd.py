@@ -212,7 +212,7 @@ class PGD(EmbeddingAttack):
                 self._ascend(targets, self.epsilon, self.alpha, gradients)
                 if t == self.steps - 1:
                     adversarial = check_loss(closure(), "closure()")
-                    self._guard.loss(adversarial)  # not finite: the pass gives .grad nothing
+                    self._guard.loss(adversarial)  # not finite: the step gives .grad nothing (zeros)
                     backward(adversarial)
                 else:
                     gradients = self._output_gradients(targets, lookups, closure, scaler)
