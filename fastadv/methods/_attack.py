@@ -29,7 +29,7 @@ from ..targets import (
     tied_targets,
 )
 from ..targets.structure import structure_version
-from ._common import SkipCounter
+from ._common import SkipCounter, check_emb_name
 from ._finite import FiniteGuard
 
 
@@ -53,7 +53,7 @@ class EmbeddingAttack:
         if target not in ("auto", "weight", "output"):
             raise ValueError(f"target must be 'auto', 'weight' or 'output', found {target!r}.")
         self.model = model
-        self.emb_name = emb_name
+        self.emb_name = check_emb_name(emb_name)
         self.target: TargetMode = target
         self.share_rows = bool(share_rows)
         self.backend: Backend | None = None  # the backend of the last attack()
@@ -152,6 +152,7 @@ class EmbeddingAttack:
                 return
 
     def _targets(self, emb_name: str | None) -> list[Target]:
+        check_emb_name(emb_name)  # before it is a dict key: a list would raise 'unhashable'
         self._bind_data_parallel_seen()
         targets = self._targets_by_name.get(emb_name)
         version = structure_version()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,12 +32,37 @@ class Adversary(Protocol):
 
 
 def check_epsilon(value: float, name: str = "epsilon") -> float:
-    """A finite, non-negative Python number (a size such as epsilon or a step size), as a float."""
-    if isinstance(value, torch.Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python float, found {type(value).__name__}.")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, found {value}.")
-    return float(value)
+    """A finite, non-negative real number (a size such as epsilon or a step size: a Python or NumPy int or
+    float), as a float."""
+    if isinstance(value, (torch.Tensor, bool)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float (or a NumPy scalar), found {type(value).__name__}.")
+    try:
+        size = float(value)
+    except OverflowError:  # an int past float's range (10**400)
+        size = math.inf
+    if not math.isfinite(size) or size < 0:
+        shown = value if math.isfinite(size) or not isinstance(value, int) else f"an int of {len(str(value))} digits"
+        raise ValueError(f"{name} must be finite and >= 0, found {shown}.")
+    return size
+
+
+def check_emb_name(value: object) -> str | None:
+    """``emb_name`` as the methods take it: None (the input embedding) or one string, matched as a substring of
+    the parameters' names."""
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(
+        f"emb_name must be a string (a substring of the name of the parameter to perturb) or None (the input "
+        f"embedding), found {type(value).__name__} {value!r}. To perturb several tables, pass a substring their "
+        "names share, or build one adversary per table."
+    )
+
+
+def check_flag(value: object, name: str) -> bool:
+    """A bool (Python's or NumPy's): a string such as 'no' is truthy, and would run the adversary."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, found {type(value).__name__} {value!r}.")
 
 
 def check_loss(loss: object, where: str) -> torch.Tensor:

@@ -34,7 +34,15 @@ from ..distributed import DataParallelBinding, data_parallel_wrapper
 from ..errors import MissingGradientError
 from ..targets import RowGradientHooks, lookup_scale, on_output, subscribe
 from ..targets.row_gradients import prepare_dense_gradient
-from ._common import BackwardFn, SkipCounter, check_epsilon, output_gradients, plain_backward
+from ._common import (
+    BackwardFn,
+    SkipCounter,
+    check_emb_name,
+    check_epsilon,
+    check_flag,
+    output_gradients,
+    plain_backward,
+)
 from ._finite import FiniteGuard, all_finite
 from .freelb import _word_embedding
 
@@ -128,7 +136,7 @@ class _Consistency:
             raise TypeError(f"{self.method} needs the nn.Module being trained, found {type(model).__name__}.")
         self.model = model
         self.weight = check_epsilon(weight, "weight")
-        self.emb_name = emb_name
+        self.emb_name = check_emb_name(emb_name)
         table = _word_embedding(model, emb_name)
         self.name, self.modules = table.name, [m for _, m in table.modules]
         self._table = table.weight
@@ -201,7 +209,7 @@ class _Consistency:
             )
         backward = backward or plain_backward
         self._data_parallel.check_knows_engine([self._table], f"'{self.name}'")  # a bare model under DeepSpeed
-        if not enabled:
+        if not check_flag(enabled, "enabled"):
             loss, _ = loss_and_logits(closure())
             if loss is None:
                 raise TypeError(

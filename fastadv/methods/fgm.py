@@ -14,7 +14,7 @@ from ..errors import AttackStateError
 from ..ops import Backend
 from ..targets import Gradient, Step, Target, TargetMode
 from ._attack import EmbeddingAttack
-from ._common import BackwardFn, Closure, check_epsilon, check_loss, plain_backward, plain_step
+from ._common import BackwardFn, Closure, check_epsilon, check_flag, check_loss, plain_backward, plain_step
 
 Norm = Literal["l2", "sign"]
 
@@ -142,7 +142,7 @@ class FGM(EmbeddingAttack):
             The clean loss, detached. The optimizer step stays the caller's.
         """
         backward = backward or plain_backward
-        if not enabled:
+        if not check_flag(enabled, "enabled"):
             return plain_step(closure, backward)
         self._targets(self.emb_name)  # output targets (e.g. made when bound to an engine) must see the clean pass
         if clean_no_sync:

@@ -12,7 +12,17 @@ from torch import nn
 from ..distributed import DataParallelBinding, data_parallel_wrapper
 from ..errors import EmbeddingNotFoundError, MissingGradientError
 from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
-from ._common import BackwardFn, Closure, SkipCounter, check_epsilon, check_loss, plain_backward, plain_step
+from ._common import (
+    BackwardFn,
+    Closure,
+    SkipCounter,
+    check_emb_name,
+    check_epsilon,
+    check_flag,
+    check_loss,
+    plain_backward,
+    plain_step,
+)
 from ._finite import FiniteGuard, all_finite
 
 FreeLBNorm = Literal["l2", "linf"]
@@ -111,7 +121,7 @@ class FreeLB:
         self.adv_max_norm = check_epsilon(adv_max_norm, "adv_max_norm")
         self.norm: FreeLBNorm = norm
         self.keep_clean_loss = bool(keep_clean_loss)
-        self.emb_name = emb_name
+        self.emb_name = check_emb_name(emb_name)
         table = _word_embedding(model, emb_name)
         self.name, self.modules = table.name, [m for _, m in table.modules]
         self._weight = table.weight
@@ -170,7 +180,7 @@ class FreeLB:
                 f"attention_mask must be a B x T tensor of 0/1 (or None), found {type(attention_mask).__name__}."
             )
         backward = backward or plain_backward
-        if not enabled:
+        if not check_flag(enabled, "enabled"):
             return plain_step(closure, backward)
         self._data_parallel.check_knows_engine([self._weight], f"'{self.name}'")
         total: torch.Tensor | None = None

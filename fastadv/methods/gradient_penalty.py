@@ -15,7 +15,9 @@ from ._common import (
     BackwardFn,
     Closure,
     SkipCounter,
+    check_emb_name,
     check_epsilon,
+    check_flag,
     check_loss,
     output_gradients,
     plain_backward,
@@ -58,7 +60,7 @@ class GradientPenalty:
             raise ValueError(f"mode must be 'finite_difference' or 'exact', found {mode!r}.")
         self.model = model
         self.epsilon = check_epsilon(epsilon)
-        self.emb_name = emb_name
+        self.emb_name = check_emb_name(emb_name)
         self.mode: Mode = mode
         tables = named_tables(model, emb_name, "The gradient penalty")
         self._edges = [LookupEdges(name, module) for table in tables for name, module in table.modules]
@@ -102,7 +104,7 @@ class GradientPenalty:
         ``enabled=False``: a plain step instead, one forward and one backward of the loss (a warm-up).
         """
         backward = backward or plain_backward
-        if not enabled:
+        if not check_flag(enabled, "enabled"):
             return plain_step(closure, backward)
         self._data_parallel.check_knows_engine(self._weights, f"'{self._edges[0].name}'")
         if self.mode == "exact" and self._data_parallel.deepspeed:

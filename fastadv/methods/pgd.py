@@ -21,7 +21,16 @@ from ..targets import (
     table_modules,
 )
 from ._attack import EmbeddingAttack
-from ._common import BackwardFn, Closure, check_epsilon, check_loss, output_gradients, plain_backward, plain_step
+from ._common import (
+    BackwardFn,
+    Closure,
+    check_epsilon,
+    check_flag,
+    check_loss,
+    output_gradients,
+    plain_backward,
+    plain_step,
+)
 
 SNIPPET_CALLS_NEED_ONLY_BACKWARD = (
     ", or drive PGD with the snippet's calls (attack(is_first_attack=...), restore(), backup_grad(), "
@@ -195,7 +204,7 @@ class PGD(EmbeddingAttack):
         if self._attacked is not None:
             raise AttackStateError("step() called while an attack is in progress: call restore() first.")
         backward = backward or plain_backward
-        if not enabled:
+        if not check_flag(enabled, "enabled"):
             return plain_step(closure, backward)
         targets = self._targets(self.emb_name)
         lookups = self._lookup_edges(targets)

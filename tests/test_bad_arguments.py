@@ -1,0 +1,88 @@
+"""Bad arguments get a clear error that says what was found (issue 30, item 8): an emb_name that is not a
+string, a size past float's range, a NumPy float32 refused where float64 passed, a truthy string for
+``enabled``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from models import batches, tiny_bert
+from torch import nn
+
+from fastadv import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
+
+# Each method with the name of one of its sizes.
+METHODS: dict[str, tuple[Callable[..., object], str]] = {
+    "fgm": (FGM, "epsilon"),
+    "pgd": (PGD, "alpha"),
+    "freelb": (FreeLB, "adv_lr"),
+    "gp": (GradientPenalty, "epsilon"),
+    "vat": (VAT, "xi"),
+    "smart": (SMART, "step_size"),
+    "r3f": (R3F, "epsilon"),
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_emb_name_that_is_not_a_string_is_named(method):
+    make, _ = METHODS[method]
+    with pytest.raises(TypeError, match=r"emb_name must be a string .* found list \['word_embeddings'\]"):
+        make(tiny_bert(), emb_name=["word_embeddings"])
+
+
+def test_an_emb_name_list_given_to_attack_is_named_and_nothing_is_perturbed():
+    model = tiny_bert()
+    fgm = FGM(model)
+    ids, labels = batches(1)[0]
+    model(input_ids=ids, labels=labels).loss.backward()
+    before = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(TypeError, match="emb_name must be a string"):
+        fgm.attack(1.0, ["word_embeddings"])
+    assert torch.equal(model.get_input_embeddings().weight, before)
+    fgm.attack()  # and the adversary still works
+    fgm.restore()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_a_size_past_floats_range_is_refused_as_not_finite(method):
+    make, size = METHODS[method]
+    with pytest.raises(ValueError, match=f"{size} must be finite and >= 0, found an int of 401 digits"):
+        make(tiny_bert(), **{size: 10**400})
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("kind", [np.float32, np.float64, np.int64])
+def test_numpy_sizes_are_taken_as_python_numbers(method, kind):
+    make, size = METHODS[method]
+    adversary = make(tiny_bert(), **{size: kind(0.5 if kind is not np.int64 else 1)})
+    value = getattr(adversary, size)
+    assert type(value) is float and value == float(kind(0.5 if kind is not np.int64 else 1))
+
+
+def closure_for(method: str, model: nn.Module) -> Callable[[], object]:
+    ids, labels = batches(1)[0]
+    if method in ("vat", "smart", "r3f"):
+        return lambda: model(input_ids=ids, labels=labels)
+    return lambda: model(input_ids=ids, labels=labels).loss
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_enabled_must_be_a_bool_and_a_numpy_bool_is_one(method):
+    make, _ = METHODS[method]
+    model = tiny_bert()
+    adversary = make(model)
+    calls = []
+    closure = closure_for(method, model)
+
+    def counted():
+        calls.append(None)
+        return closure()
+
+    with pytest.raises(TypeError, match="enabled must be True or False, found str 'no'"):
+        adversary.step(counted, enabled="no")
+    assert calls == [], "the adversary ran on a truthy string"
+    adversary.step(counted, enabled=np.bool_(False))
+    assert len(calls) == 1, "enabled=np.False_ is a plain step: one forward"
