@@ -4,6 +4,7 @@ string, a size past float's range, a NumPy float32 refused where float64 passed,
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from models import batches, tiny_bert
 from torch import nn
 
-from fastadv import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
+from fastadv import FGM, PGD, R3F, SMART, VAT, EmbeddingNotFoundError, FastAdvWarning, FreeLB, GradientPenalty
 
 # Each method with the name of one of its sizes.
 METHODS: dict[str, tuple[Callable[..., object], str]] = {
@@ -86,3 +87,57 @@ def test_enabled_must_be_a_bool_and_a_numpy_bool_is_one(method):
     assert calls == [], "the adversary ran on a truthy string"
     adversary.step(counted, enabled=np.bool_(False))
     assert len(calls) == 1, "enabled=np.False_ is a plain step: one forward"
+
+
+@pytest.mark.parametrize("method", ["vat", "smart", "r3f"])
+def test_an_attention_mask_of_the_wrong_shape_is_refused_by_every_consistency_method(method):
+    make, _ = METHODS[method]
+    model = tiny_bert()
+    adversary = make(model)
+    ids, labels = batches(1)[0]
+    wrong = torch.ones(ids.shape[0], ids.shape[1] + 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 16\), the ids .* have shape \(4, 13\)"):
+        adversary.step(lambda: model(input_ids=ids, labels=labels), attention_mask=wrong)
+    adversary.step(lambda: model(input_ids=ids, labels=labels), attention_mask=torch.ones_like(ids))
+
+
+class LooksUpABareParameter(nn.Module):
+    """An embedding through F.embedding on a parameter of its own: no nn.Embedding module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(50, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(nn.functional.embedding(ids, self.table).mean(1))
+
+
+@pytest.mark.parametrize("method", ["freelb", "vat", "smart", "r3f"])
+def test_a_table_without_an_embedding_module_is_refused_in_the_methods_own_name(method):
+    make, _ = METHODS[method]
+    name = {"freelb": "FreeLB", "vat": "VAT", "smart": "SMART", "r3f": "R3F"}[method]
+    with pytest.raises(EmbeddingNotFoundError, match=rf"{name} perturbs embedding lookups: the model has no nn\."):
+        make(LooksUpABareParameter(), emb_name="table")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda model: PGD(model, epsilon=1.0, alpha=0.0),
+        lambda model: PGD(model, epsilon=0.0, alpha=0.0),
+        lambda model: FreeLB(model, adv_lr=0.0),
+        lambda model: FreeLB(model, adv_lr=0.0, adv_init_mag=0.1),
+    ],
+    ids=["pgd-alpha", "pgd-epsilon", "freelb", "freelb-random-start"],
+)
+def test_a_size_that_makes_the_adversary_a_plain_step_is_warned_of(make):
+    with pytest.warns(FastAdvWarning, match="=0: .* (plain steps|enabled=False)"):
+        make(tiny_bert())
+
+
+def test_usual_sizes_are_not_warned_of():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PGD(tiny_bert(), epsilon=1.0, alpha=0.3)
+        FreeLB(tiny_bert(), adv_lr=0.1)

@@ -137,7 +137,7 @@ class _Consistency:
         self.model = model
         self.weight = check_epsilon(weight, "weight")
         self.emb_name = check_emb_name(emb_name)
-        table = _word_embedding(model, emb_name)
+        table = _word_embedding(model, emb_name, self.method)
         self.name, self.modules = table.name, [m for _, m in table.modules]
         self._table = table.weight
         self._data_parallel = DataParallelBinding(model)
@@ -330,6 +330,11 @@ class _Consistency:
                 raise ValueError(
                     f"{self.method} perturbs a batch of token sequences, ids of shape B x T, but '{self.name}' was "
                     f"looked up with ids of shape {tuple(ids.shape)}: flatten the batch to B x T first."
+                )
+            if index == 0 and self._mask is not None and tuple(self._mask.shape) != tuple(ids.shape):
+                raise ValueError(  # whatever the method makes of it (R3F and SMART draw on every position)
+                    f"attention_mask has shape {tuple(self._mask.shape)}, the ids looked up in '{self.name}' have "
+                    f"shape {tuple(ids.shape)}: pass the batch's B x T attention mask."
                 )
             self._deltas.append(self._draw(ids.detach(), output, index))
         elif index >= len(self._deltas) or self._deltas[index].shape != output.shape:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ..distributed import DataParallelBinding, data_parallel_wrapper
-from ..errors import EmbeddingNotFoundError, MissingGradientError
+from ..errors import EmbeddingNotFoundError, FastAdvWarning, MissingGradientError
 from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
 from ._common import (
     BackwardFn,
@@ -118,6 +119,14 @@ class FreeLB:
         self.adv_lr = check_epsilon(adv_lr, "adv_lr")
         self.adv_steps = adv_steps
         self.adv_init_mag = check_epsilon(adv_init_mag, "adv_init_mag")
+        if self.adv_lr == 0:
+            start = "at its random start" if self.adv_init_mag > 0 else "at zero: plain training"
+            warnings.warn(
+                f"FreeLB adv_lr=0: delta never moves from its start, so every pass trains {start}, at "
+                f"{adv_steps} passes' cost. Set adv_lr above 0, or run plain steps (freelb.step(..., enabled=False)).",
+                FastAdvWarning,
+                stacklevel=2,
+            )
         self.adv_max_norm = check_epsilon(adv_max_norm, "adv_max_norm")
         self.norm: FreeLBNorm = norm
         self.keep_clean_loss = bool(keep_clean_loss)
@@ -325,14 +334,14 @@ class FreeLB:
         return torch.where(finite, moved, delta)  # on the device: no host sync
 
 
-def _word_embedding(model: nn.Module, emb_name: str | None) -> EmbeddingTable:
-    """The one table FreeLB perturbs, with the modules that look it up: the input embedding's, or the table
-    ``emb_name`` names."""
-    tables = named_tables(model, emb_name, "FreeLB")
+def _word_embedding(model: nn.Module, emb_name: str | None, method: str = "FreeLB") -> EmbeddingTable:
+    """The one table ``method`` (FreeLB, VAT, SMART, R3F) perturbs, with the modules that look it up: the input
+    embedding's, or the table ``emb_name`` names."""
+    tables = named_tables(model, emb_name, method)
     if len(tables) == 1:
         return tables[0]
     found = ", ".join(f"'{t.name}'" for t in tables)
     raise EmbeddingNotFoundError(
-        f"emb_name={emb_name!r} matches {len(tables)} embedding tables ({found}), and FreeLB perturbs the "
+        f"emb_name={emb_name!r} matches {len(tables)} embedding tables ({found}), and {method} perturbs the "
         "lookups of one: pass a longer substring that names only the word embedding, e.g. 'word_embeddings'."
     )

@@ -308,7 +308,15 @@ class PGD(EmbeddingAttack):
 
     @staticmethod
     def _warn_if_alpha_exceeds(epsilon: float, alpha: float) -> None:
-        if alpha > epsilon:
+        if alpha == 0 or epsilon == 0:
+            warnings.warn(
+                f"PGD {'alpha' if alpha == 0 else 'epsilon'}=0: every attack leaves the embedding as it is, so each "
+                "step trains on the clean loss, at the cost of all its passes. Set it above 0, or run plain steps "
+                "(pgd.step(..., enabled=False)).",
+                FastAdvWarning,
+                stacklevel=3,
+            )
+        elif alpha > epsilon:
             warnings.warn(
                 f"PGD alpha={alpha} > epsilon={epsilon}: every step leaves the epsilon ball and is projected back "
                 "onto its surface, so the attack moves along the ball's edge. Usual settings have alpha < epsilon "

@@ -219,11 +219,17 @@ def named_tables(model: nn.Module, emb_name: str | None, method: str) -> list[Em
     entries, idle = match_parameters(model, emb_name)
     tables = [e for e in entries if isinstance(e, EmbeddingTable)]
     if not tables:
-        found = ", ".join(f"'{n}.weight'" for n, _ in embedding_modules(model)) or "none"
+        found = ", ".join(f"'{n}.weight'" for n, _ in embedding_modules(model))
         never = f" ({', '.join(repr(n) for n in idle)} are never looked up: PEFT's frozen originals)" if idle else ""
+        advice = (
+            f"pass a substring of one of {found}, or None for the input embedding"
+            if found
+            else "the model has no nn.Embedding module: look the table up through one (F.embedding on a bare "
+            "parameter has no module output to perturb), or use FGM or PGD, which perturb a parameter's rows"
+        )
         raise EmbeddingNotFoundError(
             f"emb_name={emb_name!r} matches no embedding table of {type(model).__name__}{never}. {method} "
-            f"perturbs embedding lookups: pass a substring of one of {found}, or None for the input embedding."
+            f"perturbs embedding lookups: {advice}."
         )
     return tables
 
