@@ -94,6 +94,7 @@ def test_dl_de_passes_under_reentrant_checkpointing_raise_and_leave_the_weights(
     message = str(caught.value)
     assert "reentrant activation checkpointing" in message and "torch.autograd.grad" in message
     assert "gradient_checkpointing_kwargs={'use_reentrant': False}" in message
+    assert "TrainingArguments" in message and "use_reentrant_gc: false" in message, "the knobs frameworks give"
     assert ("backup_grad()" in message) == (method == "pgd_step"), "PGD's way around it, and only PGD's"
     assert isinstance(caught.value.__cause__, RuntimeError), "torch's own error is kept as the cause"
     # pgd.step had perturbed the rows (its first ascent) when its inner pass raised: restored bit for bit.

@@ -109,10 +109,12 @@ def output_gradients(
             f"{method} takes dL/de, the gradient of the loss with respect to the embedding's output, with "
             "torch.autograd.grad, and the model runs reentrant activation checkpointing (use_reentrant=True), "
             "which rebuilds the checkpointed layers' graph inside backward and so cannot give that gradient. "
-            "Checkpoint with use_reentrant=False, torch's recommended mode: "
-            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) (recent "
-            "transformers: activation_checkpointing_enable(), where it is the default; outside transformers: "
-            f"torch.utils.checkpoint.checkpoint(..., use_reentrant=False)){alternative}."
+            "Checkpoint with use_reentrant=False, torch's recommended mode: in Hugging Face TrainingArguments, "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}; in LLaMA-Factory's config, "
+            "use_reentrant_gc: false; on a transformers model, "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+            "(recent transformers: activation_checkpointing_enable(), where it is the default); outside "
+            f"transformers, torch.utils.checkpoint.checkpoint(..., use_reentrant=False){alternative}."
         ) from err
 
 
