@@ -141,3 +141,23 @@ def test_usual_sizes_are_not_warned_of():
         warnings.simplefilter("error")
         PGD(tiny_bert(), epsilon=1.0, alpha=0.3)
         FreeLB(tiny_bert(), adv_lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda model: FGM(model, target="weight"),
+        lambda model: FGM(model, target="output"),
+        lambda model: PGD(model, 0.05, 0.03, target="output"),
+        lambda model: GradientPenalty(model, 0.5),
+        lambda model: GradientPenalty(model, 0.5, mode="exact"),
+    ],
+    ids=["fgm-weight", "fgm-output", "pgd-output", "gp-fd", "gp-exact"],
+)
+def test_after_remove_hooks_a_step_says_so_not_call_backward(make):
+    model = tiny_bert()
+    adversary = make(model)
+    adversary.remove_hooks()
+    ids, labels = batches(1)[0]
+    with pytest.raises(RuntimeError, match=r"hooks were removed by remove_hooks\(\): create a new"):
+        adversary.step(lambda: model(input_ids=ids, labels=labels).loss)

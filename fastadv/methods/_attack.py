@@ -77,6 +77,7 @@ class EmbeddingAttack:
         # A step whose passes from the attack to the restore end with a non-finite loss or gradient gives .grad zeros.
         self._guard = FiniteGuard(model, self._skipped)
         self._warned_tied = False
+        self._hooks_removed = False
 
     @property
     def skipped_steps(self) -> int:
@@ -89,6 +90,7 @@ class EmbeddingAttack:
         """Detach the hooks from the model now (done anyway when this object is collected)."""
         self._detach()
         self._targets_by_name.clear()
+        self._hooks_removed = True
 
     def bind_data_parallel(self, model: nn.Module) -> None:
         """Use the DistributedDataParallel wrapper of ``model``, made after this object was built (by a
@@ -153,6 +155,9 @@ class EmbeddingAttack:
 
     def _targets(self, emb_name: str | None) -> list[Target]:
         check_emb_name(emb_name)  # before it is a dict key: a list would raise 'unhashable'
+        if self._hooks_removed:  # nothing records the lookups now: say so, not "call loss.backward()"
+            kind = type(self).__name__
+            raise RuntimeError(f"{kind}'s hooks were removed by remove_hooks(): create a new {kind} to train with it.")
         self._bind_data_parallel_seen()
         targets = self._targets_by_name.get(emb_name)
         version = structure_version()

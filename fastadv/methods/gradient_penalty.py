@@ -67,6 +67,7 @@ class GradientPenalty:
         self._weights = [table.weight for table in tables]
         self._data_parallel = DataParallelBinding(model)  # its ranks divide epsilon (see _rank_epsilon)
         self._row_gradients = RowGradientHooks(model)  # passes into a dense .grad add the table's gradient as rows
+        self._hooks_removed = False
         self._skipped = SkipCounter()
         self._guard = FiniteGuard(model, self._skipped)  # a step whose loss or gradient is not finite: .grad untouched
 
@@ -84,6 +85,7 @@ class GradientPenalty:
         Add it to the loss and backpropagate (needs a model with a double backward). Returns an
         fp32 scalar.
         """
+        self._check_hooks()
         loss = check_loss(loss, "penalty(loss): loss")
         grads = self._output_gradients(loss, create_graph=True)
         return 0.5 * self._rank_epsilon() * sum(g.float().square().sum() for g in grads if g is not None)
@@ -103,6 +105,7 @@ class GradientPenalty:
         clean pass then takes dL/de of the scaled loss (no underflow) and divides the scale out.
         ``enabled=False``: a plain step instead, one forward and one backward of the loss (a warm-up).
         """
+        self._check_hooks()
         backward = backward or plain_backward
         if not check_flag(enabled, "enabled"):
             return plain_step(closure, backward)
@@ -175,9 +178,17 @@ class GradientPenalty:
         return int(self._skipped)
 
     def remove_hooks(self) -> None:
+        """Remove the forward hooks from the embeddings; step() and penalty() then raise."""
         for recorded in self._edges:
             recorded.remove()
         self._row_gradients.remove()
+        self._hooks_removed = True
+
+    def _check_hooks(self) -> None:
+        if self._hooks_removed:  # nothing records the lookups now: say so, not "run the forward pass"
+            raise RuntimeError(
+                "GradientPenalty's hooks were removed by remove_hooks(): create a new GradientPenalty to train with it."
+            )
 
     def _rank_epsilon(self) -> float:
         """epsilon for this rank's share of the penalty: epsilon / W under DDP with W ranks.
