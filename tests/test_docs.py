@@ -258,3 +258,42 @@ def test_docs_pages() -> None:
     assert "](bench/README.md" in readme, "README.md does not link bench/README.md"
     size = len(readme.encode())
     assert size <= README_MAX_BYTES, f"README.md is {size} bytes: move details to docs/, tables to bench/README.md"
+
+
+def test_the_first_table_of_the_methods_page_names_every_method() -> None:
+    """docs/methods.md opens with a table of the methods (issue 30, item 12: VAT, SMART and R3F were missing)."""
+    import fastadv
+
+    text = (ROOT / "docs" / "methods.md").read_text()
+    table = text[text.index("| method |") :].split("\n\n", 1)[0]
+    for name in ("FGM", "PGD", "FreeLB", "GradientPenalty", "VAT", "SMART", "R3F"):
+        assert hasattr(fastadv, name)
+        assert f"`{name}(model" in table, f"docs/methods.md's first table does not show {name}'s call"
+
+
+def test_the_readme_gives_the_trainers_import_path_and_it_imports() -> None:
+    text = (ROOT / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Hugging Face Trainer |"))
+    assert "`fastadv.integrations.hf`" in row, "the README's Trainer row does not say where AdversarialTrainer lives"
+    from fastadv.integrations.hf import AdversarialTrainer, adversarial_trainer  # noqa: F401
+
+
+def test_the_readme_does_not_send_gradient_accumulation_to_output_mode() -> None:
+    """An untied trainable table keeps weight rows under accumulation (target='auto'); the README said the
+    output (issue 30, item 12)."""
+    from models import batches, tiny_bert
+
+    from fastadv import FGM
+    from fastadv.targets import WeightTarget
+
+    text = (ROOT / "README.md").read_text()
+    sentence = text[text.index('`target="auto"` (default)') :].split(". ", 1)[0]
+    outputs = sentence.split("else the embedding's output", 1)[1]
+    assert "accumulation" not in outputs, "the README lists gradient accumulation among the output cases"
+    model = tiny_bert()
+    fgm = FGM(model)
+    for ids, labels in batches(2):  # two accumulated micro-batches, then the attack
+        model(input_ids=ids, labels=labels).loss.backward()
+    fgm.attack()
+    assert all(isinstance(target, WeightTarget) for target, _ in fgm._attacked)
+    fgm.restore()
