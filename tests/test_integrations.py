@@ -511,3 +511,25 @@ def test_import_fastadv_imports_no_training_engine():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_compute_loss_that_ignores_return_outputs_is_named_for_the_consistency_methods(tmp_path):
+    """Issue 30, item 7: a user override that returns the loss alone crashed VAT, SMART and R3F with
+    'iteration over a 0-d tensor'; FGM works with the same override."""
+    from fastadv import VAT
+    from fastadv.integrations.hf import AdversarialTrainer
+
+    class LossOnly(AdversarialTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self._adversarial_step_pending:  # the adversary's passes: the override users write
+                return model(**inputs).loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    model = bert()
+    trainer = LossOnly(adversary=VAT(model), model=model, args=training_args(tmp_path), train_dataset=Examples())
+    with pytest.raises(TypeError, match=r"returned a tensor of shape \(\), not \(loss, outputs\)"):
+        trainer.train()
+    model = bert()
+    trainer = LossOnly(adversary=FGM(model), model=model, args=training_args(tmp_path), train_dataset=Examples())
+    trainer.train()
+    assert trainer.state.global_step == STEPS

@@ -219,6 +219,14 @@ class AdversarialTrainingMixin:
             result = self.compute_loss(
                 model, copy.copy(inputs), return_outputs=consistency, num_items_in_batch=num_items_in_batch
             )
+            if consistency and not (isinstance(result, (tuple, list)) and len(result) == 2):
+                found = f"a tensor of shape {tuple(result.shape)}" if torch.is_tensor(result) else type(result).__name__
+                raise TypeError(
+                    f"{type(self.adversary).__name__} compares the model's outputs, so {type(self).__name__} calls "
+                    f"compute_loss(..., return_outputs=True), which returned {found}, not (loss, outputs): make "
+                    "your compute_loss override return (loss, outputs) when return_outputs is True, as Trainer's "
+                    "does (FGM, PGD, FreeLB and the gradient penalty need the loss alone)."
+                )
             loss, outputs = result if consistency else (result, None)
             passes += 1
             if passes == 1:
