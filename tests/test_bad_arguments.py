@@ -161,3 +161,20 @@ def test_after_remove_hooks_a_step_says_so_not_call_backward(make):
     ids, labels = batches(1)[0]
     with pytest.raises(RuntimeError, match=r"hooks were removed by remove_hooks\(\): create a new"):
         adversary.step(lambda: model(input_ids=ids, labels=labels).loss)
+
+
+@pytest.mark.parametrize("method", ["vat", "smart", "r3f"])
+def test_a_regression_head_is_refused_by_the_consistency_methods_not_trained_with_a_zero_term(method):
+    """Issue 30, item 2: the KL over one output is zero, so the term added nothing at 2-4x the cost, silently."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    make, _ = METHODS[method]
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, num_labels=1)  # fmt: skip
+    model = BertForSequenceClassification(config)
+    adversary = make(model)
+    ids, _ = batches(1)[0]
+    targets = torch.randn(ids.shape[0])
+    with pytest.raises(ValueError, match=r"one output \(a regression head, num_labels=1\)"):
+        adversary.step(lambda: model(input_ids=ids, labels=targets))
+    assert all(p.grad is None for p in model.parameters()), "a refused step trained nothing"

@@ -229,6 +229,14 @@ class _Consistency:
         try:
             before = self._before_clean_pass(closure)
             loss, clean = loss_and_logits(closure())
+            if clean.shape[-1] < 2:
+                raise ValueError(
+                    f"{self.method} compares the model's output distributions (a KL divergence over the logits' last "
+                    f"dimension), and the logits have shape {tuple(clean.shape)}: one output (a regression head, "
+                    "num_labels=1), where the divergence is zero and the term would add nothing at 2-4x the step's "
+                    "cost. fastadv has no regression form of the term yet (SMART's paper uses the squared "
+                    "difference): train a regression head with FGM, PGD, FreeLB or the gradient penalty."
+                )
             try:
                 term = self._term(closure, clean, scaler)
                 extra = self._extra_term(before, clean)
