@@ -651,3 +651,24 @@ def test_a_huge_epsilon_whose_adversarial_pass_overflows_leaves_grad_finite_and_
         assert not p.grad.count_nonzero(), f"{name}: the overflowing step's gradient was not dropped whole"
         assert q.grad.count_nonzero(), f"{name}: the clean step has no gradient to drop"
     assert fgm.skipped_steps == 1
+
+
+def test_a_table_resized_in_place_after_the_adversary_was_built_is_attacked_whole_and_restored():
+    """transformers 5.25's resize_token_embeddings keeps the module and its parameter (issue 30, item 12: the
+    docs said the next attack raised): the adversary attacks the resized table, the new ids' rows included."""
+    model = tiny_bert()
+    fgm = FGM(model)
+    table = model.get_input_embeddings()
+    rows = table.weight.shape[0]
+    model.resize_token_embeddings(rows + 10, mean_resizing=False)
+    assert model.get_input_embeddings() is table, "transformers replaced the module: this test is for in place"
+    ids, labels = batches(1)[0]
+    ids = ids.clone()
+    ids[0, 0] = rows + 5  # a new id
+    bert_loss(model, ids, labels).backward()
+    before = table.weight.detach().clone()
+    fgm.attack()
+    moved = (table.weight != before).any(dim=1).nonzero().flatten().tolist()
+    assert rows + 5 in moved and all(r in ids.flatten().tolist() for r in moved)
+    fgm.restore()
+    assert torch.equal(table.weight, before)
