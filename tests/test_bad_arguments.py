@@ -178,3 +178,16 @@ def test_a_regression_head_is_refused_by_the_consistency_methods_not_trained_wit
     with pytest.raises(ValueError, match=r"one output \(a regression head, num_labels=1\)"):
         adversary.step(lambda: model(input_ids=ids, labels=targets))
     assert all(p.grad is None for p in model.parameters()), "a refused step trained nothing"
+
+
+def test_what_auto_chose_is_a_public_attribute():
+    """Issue 30, item 12: the choice was only an INFO log line, invisible by default."""
+    from models import tiny_gpt2
+
+    bert = tiny_bert()
+    assert FGM(bert).chosen_targets == {"bert.embeddings.word_embeddings.weight": "weight"}
+    assert FGM(bert, target="output").chosen_targets == {"bert.embeddings.word_embeddings.weight": "output"}
+    assert set(FGM(tiny_gpt2(tied=True)).chosen_targets.values()) == {"output"}, "a tied table: the output"
+    frozen = tiny_bert()
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert set(PGD(frozen).chosen_targets.values()) == {"output"}, "a frozen table: the output"

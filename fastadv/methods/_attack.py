@@ -86,6 +86,13 @@ class EmbeddingAttack:
         Reading it syncs."""
         return int(self._skipped)
 
+    @property
+    def chosen_targets(self) -> dict[str, str]:
+        """Where the perturbation of each table lives, by the table's parameter name: ``"weight"`` (its rows,
+        restored afterwards) or ``"output"`` (added to its lookups' output): what ``target="auto"`` chose, for
+        the constructor's ``emb_name``."""
+        return {t.name: "output" if isinstance(t, OutputTarget) else "weight" for t in self._targets(self.emb_name)}
+
     def remove_hooks(self) -> None:
         """Detach the hooks from the model now (done anyway when this object is collected)."""
         self._detach()
