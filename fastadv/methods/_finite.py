@@ -75,7 +75,7 @@ class FiniteGuard:
         self._version = -1  # the structure version the lists below were read at
         self._parameters: list[nn.Parameter] = []
         self._embeddings: list[nn.Embedding] = []
-        self._ones: dict[torch.device, torch.Tensor] = {}  # GradScaler's check also multiplies by an inverse scale
+        self._ones: dict[int, torch.Tensor] = {}  # by get_device(): GradScaler's check multiplies by an inverse scale
 
     @property
     def armed(self) -> bool:
