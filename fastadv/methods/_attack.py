@@ -77,7 +77,6 @@ class EmbeddingAttack:
         # A step whose passes from the attack to the restore end with a non-finite loss or gradient gives .grad zeros.
         self._guard = FiniteGuard(model, self._skipped)
         self._warned_tied = False
-        self._hooks_removed = False
 
     @property
     def skipped_steps(self) -> int:
@@ -97,7 +96,6 @@ class EmbeddingAttack:
         """Detach the hooks from the model now (done anyway when this object is collected)."""
         self._detach()
         self._targets_by_name.clear()
-        self._hooks_removed = True
 
     def bind_data_parallel(self, model: nn.Module) -> None:
         """Use the DistributedDataParallel wrapper of ``model``, made after this object was built (by a
@@ -162,7 +160,7 @@ class EmbeddingAttack:
 
     def _targets(self, emb_name: str | None) -> list[Target]:
         check_emb_name(emb_name)  # before it is a dict key: a list would raise 'unhashable'
-        if self._hooks_removed:  # nothing records the lookups now: say so, not "call loss.backward()"
+        if not self._detach.alive:  # remove_hooks() ran: nothing records the lookups now; say so, not "call backward"
             kind = type(self).__name__
             raise RuntimeError(f"{kind}'s hooks were removed by remove_hooks(): create a new {kind} to train with it.")
         self._bind_data_parallel_seen()
