@@ -75,7 +75,8 @@ class FiniteGuard:
         self._version = -1  # the structure version the lists below were read at
         self._parameters: list[nn.Parameter] = []
         self._embeddings: list[nn.Embedding] = []
-        self._ones: dict[int, torch.Tensor] = {}  # by get_device(): GradScaler's check multiplies by an inverse scale
+        # By get_device(): the check's two 0-dim fp32 buffers, (the inverse scale 1 it multiplies by, found_inf).
+        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def armed(self) -> bool:
@@ -114,7 +115,7 @@ class FiniteGuard:
             return
         self._armed = False
         grads = [] if self._zero3 else _plain_gradients(self._parameters)
-        found = _any_non_finite(grads, self._ones) if grads else None
+        found = _any_non_finite(grads, self._buffers) if grads else None
         loss_lost, self._lost = self._lost, None
         if self._lost_on_host:
             loss_lost, self._lost_on_host = torch.ones((), dtype=torch.bool), False
@@ -181,10 +182,11 @@ def _plain_gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [g._values() if g.is_sparse else g for g in grads if type(g) is torch.Tensor]
 
 
-def _any_non_finite(grads: list[torch.Tensor], ones: dict[int, torch.Tensor]) -> torch.Tensor:
+def _any_non_finite(grads: list[torch.Tensor], buffers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """bool, 0-dim, on the first gradient's device: some element of ``grads`` is NaN or Inf. One multi-tensor
     op per device and dtype (GradScaler's check, with an inverse scale of 1: the values are rewritten as they
-    are); nothing read on the host."""
+    are); nothing read on the host. ``buffers`` (by ``get_device()``: the scale 1 and found_inf, made at the
+    first call and reused) is the caller's."""
     keys = [(g.get_device(), g.dtype) for g in grads]
     key = keys[0]
     if keys.count(key) == len(keys):
@@ -195,16 +197,16 @@ def _any_non_finite(grads: list[torch.Tensor], ones: dict[int, torch.Tensor]) ->
             groups[each].append(grad)
     found: dict[int, torch.Tensor] = {}
     for (device, _), group in groups.items():
+        if device not in buffers:
+            buffers[device] = tuple(torch.full((), v, dtype=torch.float32, device=group[0].device) for v in (1, 0))
+        one, found_inf = buffers[device]
         if device not in found:
-            found[device] = torch.zeros((), dtype=torch.float32, device=group[0].device)
-        one = ones.get(device)
-        if one is None:
-            one = ones[device] = torch.ones((), dtype=torch.float32, device=group[0].device)
-        torch._amp_foreach_non_finite_check_and_unscale_(group, found[device], one)
-    total = found.pop(key[0])
+            found[device] = found_inf.zero_()
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, one)
+    total = found.pop(key[0]) > 0  # a new tensor: the buffer is zeroed again at the next check
     for other in found.values():
-        total = total + other.to(total.device, non_blocking=True)
-    return total > 0
+        total = total | (other > 0).to(total.device, non_blocking=True)
+    return total
 
 
 def zero_if(grads: list[torch.Tensor], condition: torch.Tensor, on_host: bool | None = None) -> None:
