@@ -18,7 +18,13 @@ from models import VOCAB, tiny_bert
 from torch import nn
 
 from fastadv import R3F, SMART, VAT
-from fastadv.methods.consistency import kl_divergence, loss_and_logits
+from fastadv.methods.consistency import (
+    kl_divergence,
+    kl_of_log_probabilities,
+    log_probabilities,
+    loss_and_logits,
+    symmetric_kl_of_log_probabilities,
+)
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
@@ -222,6 +228,23 @@ def test_kl_divergence_masks_token_positions_and_averages_classification_rows():
     torch.testing.assert_close(kl_divergence(p, q, mask), per[mask.bool()].mean())
     torch.testing.assert_close(kl_divergence(p[:, 0], q[:, 0]), per[:, 0].mean())
     assert kl_divergence(p, p, mask).abs() < 1e-6
+
+
+def test_symmetric_kl_is_the_sum_of_both_divergences_with_their_gradients():
+    # R3F's term and SMART's proximal term take KL(p || q) + KL(q || p) as one sum: the same value and the same
+    # gradient to both sides, masked or not, per token or per row.
+    g = torch.Generator().manual_seed(1)
+    mask = torch.tensor([[1, 0, 1, 0, 0], [1, 1, 1, 1, 1]])
+    for shape, m in (((2, 5, 7), mask), ((2, 5, 7), None), ((3, 4), None)):
+        p = torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+        q = (3 * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_()
+        lp, lq = log_probabilities(p).double(), log_probabilities(q).double()
+        both = kl_of_log_probabilities(lp, lq, m) + kl_of_log_probabilities(lq, lp, m)
+        one = symmetric_kl_of_log_probabilities(lp, lq, m)
+        torch.testing.assert_close(one, both)
+        expected = torch.autograd.grad(both, (p, q), retain_graph=True)
+        torch.testing.assert_close(torch.autograd.grad(one, (p, q)), expected)
+        assert one > 0.1, "distinct distributions must have a positive divergence"
 
 
 def test_loss_and_logits_reads_model_outputs():
