@@ -37,3 +37,18 @@ def test_installed_kernels_are_the_repositorys():
         ROOT / "kernels",
         Path(fastadv.__file__).parent / "kernels",
     }
+
+
+def test_every_kernel_of_the_source_folder_reaches_the_launchers():
+    import re
+
+    from fastadv.ops.backend import kernels
+
+    defined = {
+        name
+        for path in (ROOT / "kernels").glob("*.py")
+        for name in re.findall(r"^def (\w+_kernel)\(", path.read_text(), re.MULTILINE)
+    }
+    assert len(defined) >= 6, defined
+    missing = defined - set(vars(kernels()))
+    assert not missing, f"kernels defined in kernels/ but not in fastadv.ops.backend.KERNEL_MODULES: {missing}"

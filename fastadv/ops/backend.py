@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from types import ModuleType
+from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -19,11 +19,14 @@ from ..errors import BackendError
 
 Backend = Literal["torch", "triton"]
 _CHOICES = ("auto", "torch", "triton")
-_kernels: ModuleType | None = None
+# The modules of kernels/ (fastadv.kernels), one per op, each named as its launcher in fastadv/ops/.
+KERNEL_MODULES = ("rows_backup_add", "rows_l2_norm", "rows_pgd_step", "rows_restore", "segment_sum_by_id")
+_kernels: SimpleNamespace | None = None
 
 
-def kernels() -> ModuleType:
-    """Import ``fastadv.kernels`` on first use (Triton reads TRITON_INTERPRET at that moment)."""
+def kernels() -> SimpleNamespace:
+    """The Triton kernels (every ``*_kernel`` of each module of ``fastadv.kernels``), imported on first use
+    (Triton reads TRITON_INTERPRET at that moment)."""
     global _kernels
     if _kernels is None:
         # By name through importlib, at first use: the kernels live in the repository's top-level
@@ -31,7 +34,11 @@ def kernels() -> ModuleType:
         # fastadv/kernels/ for a relative import to name; and importing them imports Triton (which
         # `import fastadv` must not) and fixes, at that moment, whether they run interpreted.
         # The name follows the install: a checkout put first on PYTHONPATH still gets the installed kernels.
-        _kernels = importlib.import_module("fastadv.kernels")
+        found = {}
+        for name in KERNEL_MODULES:
+            module = importlib.import_module(f"fastadv.kernels.{name}")
+            found.update({key: value for key, value in vars(module).items() if key.endswith("_kernel")})
+        _kernels = SimpleNamespace(**found)
     return _kernels
 
 
