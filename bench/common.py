@@ -20,9 +20,9 @@ import torch
 from measure import device_description, environment, median_seconds
 
 # `python -m pytest bench/test_bench_*.py` puts the working directory, the repository's root, first on
-# sys.path; there the source folder kernels/ (installed as fastadv.kernels) would stand in for Hugging
-# Face's `kernels` package, which transformers >= 5.25 imports. (tests/conftest.py does the same for the
-# suite; bench/ has no conftest of its own, as a second `conftest` module would clash with the tests'.)
+# sys.path, where `import fastadv` would take the checkout's folder whatever is installed: the benchmarks
+# measure fastadv as installed. (tests/conftest.py does the same for the suite; bench/ has no conftest of
+# its own, as a second `conftest` module would clash with the tests'.)
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-# `python -m pytest` puts the working directory, the repository's root, first on sys.path; there the
-# source folder kernels/ (installed as fastadv.kernels) would stand in for Hugging Face's `kernels`
-# package, which transformers >= 5.25 imports. The tests import fastadv as installed, never from there.
+# `python -m pytest` puts the working directory, the repository's root, first on sys.path, where `import
+# fastadv` would take the checkout's folder whatever is installed. The tests import fastadv as installed (a
+# wheel's or the editable's), never from there. (test_docs.py runs the README from the root, as users do.)
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 

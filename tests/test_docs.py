@@ -297,3 +297,41 @@ def test_the_readme_does_not_send_gradient_accumulation_to_output_mode() -> None
     fgm.attack()
     assert all(isinstance(target, WeightTarget) for target, _ in fgm._attacked)
     fgm.restore()
+
+
+# The README's first block, as a newcomer types it in a Python started in the clone's root (``python -c``, a
+# notebook and ``python -m`` all put that folder first on sys.path), on a small BERT from transformers, with
+# fastadv's Triton kernels (interpreted on a CPU) imported from there too.
+FROM_THE_ROOT = """
+import transformers
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+import kernels  # Hugging Face's package, which transformers imports: the clone's kernels/ must not stand in for it
+assert kernels.__file__ is not None and "site-packages" in kernels.__file__, kernels.__path__
+
+import torch
+torch.manual_seed(0)
+config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+model = BertForSequenceClassification(config)
+ids = torch.randint(1, 100, (2, 8))
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+before = model.bert.embeddings.word_embeddings.weight.detach().clone()
+BLOCK
+assert torch.equal(model.bert.embeddings.word_embeddings.weight, before), "restore() left the table perturbed"
+from fastadv.ops.backend import kernels as fastadv_kernels
+print("ran", sorted(vars(fastadv_kernels()))[0])
+"""
+
+
+def test_readme_first_block_runs_from_the_repository_root():
+    page = ROOT / "README.md"
+    _, language, text = fenced_blocks(page)[0]
+    assert language == "diff", "the README's first block is the FGM swap"
+    code = FROM_THE_ROOT.replace("BLOCK\n", diff_after(text))
+    environment = {**os.environ, "TRITON_INTERPRET": "1", "FASTADV_BACKEND": "triton"}
+    environment.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, f"from the clone's root:\n{done.stderr[-3000:]}"
+    assert "ran rows_backup_add_kernel" in done.stdout, done.stdout

@@ -19,24 +19,24 @@ from ..errors import BackendError
 
 Backend = Literal["torch", "triton"]
 _CHOICES = ("auto", "torch", "triton")
-# The modules of kernels/ (fastadv.kernels), one per op, each named as its launcher in fastadv/ops/.
+# The modules of kernels/ (installed as fastadv_kernels), one per op, each named as its launcher in fastadv/ops/.
 KERNEL_MODULES = ("rows_backup_add", "rows_l2_norm", "rows_pgd_step", "rows_restore", "segment_sum_by_id")
 _kernels: SimpleNamespace | None = None
 
 
 def kernels() -> SimpleNamespace:
-    """The Triton kernels (every ``*_kernel`` of each module of ``fastadv.kernels``), imported on first use
+    """The Triton kernels (every ``*_kernel`` of each module of ``fastadv_kernels``), imported on first use
     (Triton reads TRITON_INTERPRET at that moment)."""
     global _kernels
     if _kernels is None:
         # By name through importlib, at first use: the kernels live in the repository's top-level
-        # kernels/, which setup.py installs as fastadv.kernels (package_dir), so the source tree has no
-        # fastadv/kernels/ for a relative import to name; and importing them imports Triton (which
+        # kernels/, which setup.py installs as the namespace package fastadv_kernels (see setup.py for why it
+        # has no __init__.py), so no relative import names them; and importing them imports Triton (which
         # `import fastadv` must not) and fixes, at that moment, whether they run interpreted.
         # The name follows the install: a checkout put first on PYTHONPATH still gets the installed kernels.
         found = {}
         for name in KERNEL_MODULES:
-            module = importlib.import_module(f"fastadv.kernels.{name}")
+            module = importlib.import_module(f"fastadv_kernels.{name}")
             found.update({key: value for key, value in vars(module).items() if key.endswith("_kernel")})
         _kernels = SimpleNamespace(**found)
     return _kernels

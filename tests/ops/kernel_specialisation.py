@@ -151,24 +151,27 @@ def installed_package_dir(package: str) -> Path:
 
 
 def load_compiled_package(package_dir: Path, private_name: str) -> ModuleType:
-    """Import the package in ``package_dir`` afresh under ``private_name``, its kernels compiled JITFunctions.
+    """Import every module of ``package_dir`` (fastadv's kernels/) afresh in a package named ``private_name``,
+    their kernels compiled JITFunctions: a module holding every ``*_kernel`` of them, listed in ``__all__``.
 
-    The package as fastadv imports it may already be decorated for the interpreter (the test session
+    The kernels as fastadv imports them may already be decorated for the interpreter (the test session
     sets TRITON_INTERPRET=1), and cannot be decorated twice under one name; a private copy can.
     """
-    spec = importlib.util.spec_from_file_location(
-        private_name, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[private_name] = module  # the package's relative imports look it up there
+    package = ModuleType(private_name)
+    package.__path__ = [str(package_dir)]  # a namespace-like package: the modules' relative imports resolve there
+    sys.modules[private_name] = package
     try:
         with compiled_mode():
-            spec.loader.exec_module(module)
+            for name in sorted(path.stem for path in package_dir.glob("*.py")):
+                module = importlib.import_module(f"{private_name}.{name}")
+                for key, value in vars(module).items():
+                    if key.endswith("_kernel"):
+                        setattr(package, key, value)
     finally:
         for name in [n for n in sys.modules if n == private_name or n.startswith(private_name + ".")]:
             del sys.modules[name]
-    return module
+    package.__all__ = sorted(key for key in vars(package) if key.endswith("_kernel"))
+    return package
 
 
 # ---------------------------------------------------------------- specialisation

@@ -79,7 +79,7 @@ def drive_launchers(recorder: LaunchRecorder) -> None:
 
 
 # Collected at import, so each specialisation is its own test; nothing runs on a device.
-KERNELS = load_compiled_package(installed_package_dir("fastadv.kernels"), "_fastadv_kernels_compiled")
+KERNELS = load_compiled_package(installed_package_dir("fastadv_kernels"), "_fastadv_kernels_compiled")
 RECORDER = LaunchRecorder(KERNELS.__all__)
 with pytest.MonkeyPatch.context() as patch:
     patch.setattr(fastadv.ops.backend, "_kernels", RECORDER)
