@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from models import BagOfEmbeddings, bag_loss, batches, bert_loss, tiny_bert
+from models import BagOfEmbeddings, bag_loss, batches, bert_loss, tiny_bert, tiny_gpt2
 from torch import nn
 
 from fastadv import FGM, PGD, AttackStateError, EmbeddingNotFoundError, FastAdvWarning, FreeLB, GradientPenalty
@@ -412,6 +412,50 @@ def test_a_state_dict_taken_while_the_weight_is_perturbed_holds_the_clean_rows()
         warnings.simplefilter("error", FastAdvWarning)
         after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in clean.items())
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2_tied"])
+def test_a_deepcopy_taken_while_the_weight_is_perturbed_holds_the_clean_rows(family):
+    # An EMA or best-model copy taken between attack() and restore() agrees with state_dict() at that moment.
+    model = tiny_bert() if family == "bert" else tiny_gpt2(tied=True)
+    ids, labels = batches(1)[0]
+    clean = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "'transformer.wte.weight' is tied", FastAdvWarning)
+        fgm = FGM(model, target="weight")
+    loss = bert_loss(model, ids, labels) if family == "bert" else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    fgm.attack()
+    perturbed = model.get_input_embeddings().weight.detach().clone()
+    with pytest.warns(FastAdvWarning, match=r"copy.deepcopy\(\) of the model was taken between FGM's attack and"):
+        copied = copy.deepcopy(model)
+    for key, value in copied.state_dict().items():
+        assert torch.equal(value, clean[key]), f"the copy's {key} is not the clean one"
+    if family == "gpt2_tied":
+        assert copied.lm_head.weight is copied.get_input_embeddings().weight, "the copy's tie is broken"
+    assert copied.get_input_embeddings().weight.requires_grad
+    assert torch.equal(model.get_input_embeddings().weight, perturbed), "the model itself stays perturbed"
+    assert not torch.equal(perturbed, clean[next(k for k in clean if "wte" in k or "word_embeddings" in k)])
+    fgm.restore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastAdvWarning)
+        after = copy.deepcopy(model)
+    assert all(torch.equal(after.state_dict()[k], v) for k, v in clean.items())
+
+
+def test_a_deepcopy_of_the_table_module_itself_holds_the_clean_rows():
+    # The weight is the copied module's own parameter, deep-copied before the hook is reached.
+    table = nn.Embedding(50, 8)
+    clean = table.weight.detach().clone()
+    fgm = FGM(table, target="weight")
+    ids = torch.tensor([[1, 2, 3, 3]])
+    table(ids).square().sum().backward()
+    fgm.attack()
+    with pytest.warns(FastAdvWarning, match="copy.deepcopy"):
+        copied = copy.deepcopy(table)
+    assert torch.equal(copied.weight, clean) and not torch.equal(table.weight, clean)
+    fgm.restore()
+    assert torch.equal(table.weight, clean)
 
 
 # ------------------------------------------------------------ 1: a table whose gradient is not the lookups' alone

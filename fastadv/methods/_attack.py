@@ -265,13 +265,39 @@ class EmbeddingAttack:
 
 class CleanStateDict:
     """The model's state-dict hook: while an attack has written the weight, the state dict (a checkpoint, an EMA
-    update) gets each written parameter as it was before the attack, and a warning says so. Holds the attack
-    weakly; a copied model (deepcopy, pickle) holds an inert one."""
+    update) gets each written parameter as it was before the attack, and a warning says so; so does a
+    ``copy.deepcopy`` of the model (an EMA or best-model copy). Holds the attack weakly; a copied model (deepcopy,
+    pickle) holds an inert one."""
 
     def __init__(self, attack: EmbeddingAttack | None) -> None:
         self._attack = None if attack is None else weakref.ref(attack)
 
     def __deepcopy__(self, memo: dict) -> CleanStateDict:
+        # Reached while the model is deep-copied (the hook is in its __dict__): the copy of each written parameter
+        # is made here, from the clean rows, and put in the memo, where deepcopy takes it from; one copied before
+        # this hook (a parameter of the model itself, not of a submodule) gets the clean rows written into it.
+        attack = None if self._attack is None else self._attack()
+        if attack is not None and attack._attacked is not None:
+            cleaned = []
+            for target, perturbation in attack._attacked:
+                clean = target.clean_value(perturbation)
+                if clean is None:
+                    continue
+                param = target.param
+                if id(param) in memo:
+                    with torch.no_grad():
+                        memo[id(param)].copy_(clean)
+                else:  # as Parameter.__deepcopy__ makes it, from the clean value
+                    memo[id(param)] = type(param)(clean, param.requires_grad)
+                cleaned.append(target.name)
+            if cleaned:
+                warnings.warn(
+                    f"copy.deepcopy() of the model was taken between {type(attack).__name__}'s attack and "
+                    f"restore(): the copy holds {', '.join(cleaned)} as before the attack (the clean rows), as "
+                    "state_dict() would, not the perturbed weights the model holds now. Copy after restore().",
+                    FastAdvWarning,
+                    stacklevel=2,
+                )
         return CleanStateDict(None)
 
     def __reduce__(self) -> tuple:
