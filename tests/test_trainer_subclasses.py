@@ -358,3 +358,59 @@ def test_a_compute_loss_override_that_skips_the_mixin_is_an_error(tmp_path):
     trainer = Bypass(adversary=FGM(model), model=model, args=args, train_dataset=Seq2SeqExamples())
     with pytest.raises(RuntimeError, match=r"never reached AdversarialTrainingMixin\.compute_loss"):
         trainer.train()
+
+
+# ------------------------------------------------------------ a subclass's own counters (axolotl's kind)
+
+
+class CountingTrainer(transformers.Trainer):
+    """Counts inside compute_loss, as axolotl's trainer counts tokens for its tokens/s: an int, a tensor added
+    to in place, a float, a dict of lists; none of them named to fastadv."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        tokens = int(inputs["attention_mask"].sum())
+        self._tkps_trainable_acc = getattr(self, "_tkps_trainable_acc", 0) + tokens
+        if not hasattr(self, "_tkps_total_acc"):
+            self._tkps_total_acc = torch.zeros((), dtype=torch.long)
+        self._tkps_total_acc += inputs["input_ids"].numel()
+        self._seconds = getattr(self, "_seconds", 0.0) + 0.5
+        self._token_log = getattr(self, "_token_log", {"train": []})
+        self._token_log["train"].append(tokens)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def counted(trainer: transformers.Trainer) -> tuple:
+    return (
+        trainer._tkps_trainable_acc,
+        int(trainer._tkps_total_acc),
+        trainer._seconds,
+        list(trainer._token_log["train"]),
+    )
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd", "r3f"])
+def test_a_subclasss_own_counters_count_the_clean_pass_only(tmp_path, method):
+    from models import tiny_bert
+
+    from fastadv import R3F
+
+    def examples() -> list[dict]:
+        gen = torch.Generator().manual_seed(3)
+        return [
+            {"input_ids": torch.randint(1, 50, (7,), generator=gen),
+             "attention_mask": (torch.arange(7) < 7 - i % 3).long(), "labels": torch.tensor(i % 2)}
+            for i in range(MICRO * ACCUM * STEPS)
+        ]  # fmt: skip
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), **common_args())
+    plain = CountingTrainer(model=tiny_bert().to("cpu"), args=args, train_dataset=examples())
+    plain.train()
+    model = tiny_bert().to("cpu")
+    adversary = {"fgm": FGM(model), "pgd": PGD(model, epsilon=1.0, alpha=0.3, steps=2), "r3f": R3F(model)}[method]
+    trainer = adversarial_trainer(CountingTrainer)(
+        adversary=adversary, model=model, args=args, train_dataset=examples()
+    )
+    trainer.train()
+    want = counted(plain)
+    assert want[0] > 0 and len(want[3]) == MICRO * ACCUM * STEPS // MICRO
+    assert counted(trainer) == want, f"counted {counted(trainer)} under {method}, a plain Trainer {want}"

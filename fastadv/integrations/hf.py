@@ -53,6 +53,7 @@ weights inside ``backward``, between the passes) and SageMaker model parallelism
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 from typing import Any
@@ -69,6 +70,49 @@ from ..methods import FGM, PGD, R3F, SMART, VAT, Adversary, FreeLB, GradientPena
 
 _ADVERSARIES = (FGM, PGD, FreeLB, GradientPenalty, VAT, SMART, R3F)
 _CONSISTENCY = (VAT, SMART, R3F)  # their closure returns the outputs: the term compares the logits
+
+
+COUNTER_MAX_ELEMENTS = 64
+"""The most elements a tensor attribute of the Trainer may hold to be kept from the clean pass as a counter (a
+larger one is a cache or a buffer, not a count of the micro-batch)."""
+
+
+def _plain_data(value: object, depth: int = 0) -> bool:
+    """Numbers, strings, None, tensors of at most COUNTER_MAX_ELEMENTS elements, and lists, tuples, deques and
+    dicts of them (4 levels at most: TRL's metrics are a dict of dicts of lists)."""
+    if value is None or isinstance(value, (bool, int, float, complex, str)):
+        return True
+    if isinstance(value, torch.Tensor):
+        return value.numel() <= COUNTER_MAX_ELEMENTS
+    if depth >= 4:
+        return False
+    if isinstance(value, (list, tuple, collections.deque)):
+        return all(_plain_data(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and _plain_data(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _same_tensor_layout(now: object, clean: object) -> bool:
+    return (
+        isinstance(now, torch.Tensor)
+        and isinstance(clean, torch.Tensor)
+        and (now.shape, now.dtype, now.device) == (clean.shape, clean.dtype, clean.device)
+    )
+
+
+def _unchanged(now: object, clean: object) -> bool:
+    """Plain data equal to ``clean``; a tensor inside a container counts as changed (comparing would sync)."""
+    if type(now) is not type(clean) or isinstance(now, torch.Tensor):
+        return False
+    if isinstance(now, (list, tuple, collections.deque)):
+        return len(now) == len(clean) and all(_unchanged(a, b) for a, b in zip(now, clean, strict=True))
+    if isinstance(now, dict):
+        return now.keys() == clean.keys() and all(_unchanged(now[key], clean[key]) for key in now)
+    try:
+        return bool(now == clean)
+    except (TypeError, ValueError, RuntimeError):  # an array's elementwise ==: put it back
+        return False
 
 
 class AdversarialTrainingMixin:
@@ -96,17 +140,21 @@ class AdversarialTrainingMixin:
     ``training_step``, keeps every subclass's step context around the passes and leaves the rest of
     Trainer's step (inputs, accumulation scaling of the logged loss) Trainer's own.
 
-    A subclass that counts steps inside ``compute_loss`` (TRL: ``num_tokens``, ``mean_token_accuracy``,
-    ``entropy``) would count each adversarial pass too. The attributes named in ``clean_pass_only_state``
-    are put back, after every pass but the first, to what the first (clean) pass left.
+    A subclass that counts inside ``compute_loss`` (TRL: ``num_tokens``, ``mean_token_accuracy``, ``entropy``;
+    axolotl: its tokens-per-second accumulators) would count each adversarial pass too. So after every pass but
+    the first, the Trainer's bookkeeping is put back to what the first (clean) pass left: every attribute of
+    the Trainer that holds plain data (numbers, strings, small tensors of at most
+    :data:`COUNTER_MAX_ELEMENTS` elements, and lists, tuples and dicts of them), whatever its name, plus those
+    named in ``clean_pass_only_state`` whatever they hold. Attributes holding objects (the model, the
+    optimizer, ``state``, the accelerator) are never touched.
 
     An override of ``compute_loss`` above the mixin must call ``super().compute_loss`` (checked: the step
     raises otherwise).
     """
 
-    clean_pass_only_state: tuple[str, ...] = ("_metrics", "_total_train_tokens")
-    """Attributes that ``compute_loss`` updates to count a micro-batch (TRL's SFTTrainer: its logged metrics and
-    token count); only the clean pass's updates are kept."""
+    clean_pass_only_state: tuple[str, ...] = ()
+    """Attributes that ``compute_loss`` updates to count a micro-batch and that do not hold plain data (which is
+    kept from the clean pass anyway, see the class): only the clean pass's updates are kept."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -210,7 +258,7 @@ class AdversarialTrainingMixin:
         self._adversarial_step_pending = False  # the passes' own compute_loss calls go straight to the subclass
         passes = 0
         consistency = isinstance(self.adversary, _CONSISTENCY)
-        clean_state: dict[str, Any] = {}
+        clean_state: dict[str, Any] = {}  # the bookkeeping as the clean pass left it
 
         def closure() -> torch.Tensor:
             nonlocal passes
@@ -230,14 +278,9 @@ class AdversarialTrainingMixin:
             loss, outputs = result if consistency else (result, None)
             passes += 1
             if passes == 1:
-                clean_state.update(
-                    (name, copy.deepcopy(getattr(self, name)))
-                    for name in self.clean_pass_only_state
-                    if hasattr(self, name)
-                )
+                clean_state.update((name, copy.deepcopy(getattr(self, name))) for name in self._bookkeeping())
             else:
-                for name, value in clean_state.items():
-                    setattr(self, name, copy.deepcopy(value))
+                self._put_back_bookkeeping(clean_state)
             if self.args.n_gpu > 1:
                 loss = loss.mean()  # DataParallel returns one loss per GPU
             return (loss, outputs) if consistency else loss
@@ -277,6 +320,26 @@ class AdversarialTrainingMixin:
         return loss.detach()
 
     # ------------------------------------------------------------ internals
+
+    def _bookkeeping(self) -> list[str]:
+        """The attributes a pass of ``compute_loss`` may count into (see the class)."""
+        named = set(self.clean_pass_only_state)
+        return [name for name, value in vars(self).items() if name in named or _plain_data(value)]
+
+    def _put_back_bookkeeping(self, clean_state: dict[str, Any]) -> None:
+        """Every attribute of ``_bookkeeping`` as the clean pass left it (``clean_state``, copies); one a later pass
+        made is removed. A tensor is written back in place (no host sync, the same object); any other attribute
+        is set to a copy of its clean value where it differs (the same object where nothing changed)."""
+        for name in set(self._bookkeeping()) - set(clean_state):
+            delattr(self, name)
+        missing = object()
+        for name, clean in clean_state.items():
+            now = getattr(self, name, missing)
+            if _same_tensor_layout(now, clean):
+                with torch.no_grad():
+                    now.copy_(clean)
+            elif now is missing or not _unchanged(now, clean):
+                setattr(self, name, copy.deepcopy(clean))
 
     def _deepspeed_engine(self) -> nn.Module | None:
         """The DeepSpeed engine accelerate trains with, or None without DeepSpeed."""
