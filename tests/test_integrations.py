@@ -533,3 +533,101 @@ def test_a_compute_loss_that_ignores_return_outputs_is_named_for_the_consistency
     trainer = LossOnly(adversary=FGM(model), model=model, args=training_args(tmp_path), train_dataset=Examples())
     trainer.train()
     assert trainer.state.global_step == STEPS
+
+
+# ------------------------------------------------------------ carried state: SMART's teacher, skipped_steps
+
+
+def smart_with_teacher(model: nn.Module) -> SMART:
+    return SMART(model, epsilon=0.05, step_size=0.02, noise_var=0.01, proximal_weight=1.0, proximal_momentum=0.5)
+
+
+def test_smarts_teacher_moves_once_per_optimizer_step_under_accumulation():
+    # A plain loop, 2 micro-batches per optimizer step: the teacher is the weights' moving average over the
+    # optimizer steps (each micro-batch after the first sees the weights it already moved to).
+    model = bert()
+    smart = smart_with_teacher(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    expected, moves = None, 0
+    for i, batch in enumerate(micro_batches()):
+        if i % ACCUM == 0:  # the first micro-batch of an optimizer step: the teacher moves, from the weights now
+            weights = [p.detach().clone() for p in trainable]
+            if expected is None:
+                expected = weights
+            else:
+                expected = [torch.lerp(t, w, 0.5) for t, w in zip(expected, weights, strict=True)]
+                moves += 1
+        smart.step(lambda batch=batch: model(**batch), attention_mask=batch["attention_mask"])
+        for mine, want in zip(smart._teacher.weights, expected, strict=True):
+            torch.testing.assert_close(mine, want, rtol=0, atol=1e-7)
+        if (i + 1) % ACCUM == 0:
+            optimizer.step()
+            model.zero_grad()
+    assert moves == len(micro_batches()) // ACCUM - 1 >= 2
+    # Said outright: teacher_step=False holds it after an optimizer step, True moves it without one.
+    held = [w.clone() for w in smart._teacher.weights]
+    batch = micro_batches()[0]
+    smart.step(lambda: model(**batch), teacher_step=False)
+    assert all(torch.equal(a, b) for a, b in zip(held, smart._teacher.weights, strict=True))
+    optimizer.step()
+    smart.step(lambda: model(**batch), teacher_step=True)
+    smart.step(lambda: model(**batch), teacher_step=True)
+    assert not all(torch.equal(a, b) for a, b in zip(held, smart._teacher.weights, strict=True))
+    with pytest.raises(TypeError, match="teacher_step"):
+        smart.step(lambda: model(**batch), teacher_step="yes")
+
+
+def test_trainer_moves_smarts_teacher_once_per_optimizer_step(tmp_path, monkeypatch):
+    moves = []
+    original = consistency.MomentumTeacher.update
+    monkeypatch.setattr(consistency.MomentumTeacher, "update", lambda self, m: (moves.append(m), original(self, m)))
+    model = bert()
+    adversarial_trainer(model, smart_with_teacher(model), tmp_path).train()
+    assert len(moves) == STEPS - 1, f"the teacher moved {len(moves)} times in {STEPS} optimizer steps of {ACCUM}"
+
+
+@pytest.mark.parametrize("method", ["smart", "fgm"])
+def test_a_resumed_trainer_carries_the_adversarys_state_bitwise(tmp_path, method):
+    # 4 optimizer steps straight, against 2, a checkpoint, and 2 more resumed from it in a new Trainer.
+    make = {"smart": smart_with_teacher, "fgm": lambda m: FGM(m)}[method]
+
+    def run(output: str, resume: str | None) -> tuple:
+        model = bert()
+        adversary = make(model)
+        if resume is None:
+            adversary.load_state_dict({**adversary.state_dict(), "skipped_steps": 2})  # counted before: carried on
+        trainer = adversarial_trainer(
+            model, adversary, tmp_path / output, max_steps=4, save_strategy="steps", save_steps=2
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return flat(model), adversary
+
+    straight, straight_adversary = run("straight", None)
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    assert (checkpoint / "fastadv_adversary.pt").is_file()
+    resumed, resumed_adversary = run("resumed", str(checkpoint))
+    assert torch.equal(resumed, straight), f"resumed weights differ by {relative_difference(resumed, straight):.3g}"
+    assert resumed_adversary.skipped_steps == straight_adversary.skipped_steps == 2
+    if method == "smart":
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(resumed_adversary._teacher.weights, straight_adversary._teacher.weights, strict=True)
+        )
+
+
+def test_load_state_dict_refuses_what_it_cannot_carry():
+    model = bert()
+    smart = smart_with_teacher(model)
+    with pytest.raises(ValueError, match="takes what its state_dict"):
+        smart.load_state_dict({"skipped_steps": 0})
+    with pytest.raises(ValueError, match="skipped_steps must be an int"):
+        smart.load_state_dict({"skipped_steps": -1, "teacher": None})
+    with pytest.raises(ValueError, match="other shapes"):
+        smart.load_state_dict({"skipped_steps": 0, "teacher": [torch.zeros(3)]})
+    plain = SMART(model)
+    with pytest.raises(ValueError, match="proximal_weight=0"):
+        plain.load_state_dict({"skipped_steps": 0, "teacher": [p.detach() for p in model.parameters()]})
+    fgm = FGM(model)
+    fgm.load_state_dict({"skipped_steps": 7})
+    assert fgm.skipped_steps == 7 and fgm.state_dict() == {"skipped_steps": 7}

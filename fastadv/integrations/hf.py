@@ -47,6 +47,10 @@ earlier ones off it, and ``engine.step()`` runs once after them when Trainer syn
 (accelerate's own backward would step the engine after the clean pass). The adversary is bound to the
 engine and perturbs the lookups' outputs there.
 
+Each checkpoint also holds the adversary's ``state_dict()`` (``fastadv_adversary.pt``: its skipped steps,
+SMART's teacher), loaded by ``resume_from_checkpoint``; SMART's teacher moves at the first micro-batch of
+each optimizer step.
+
 Tested with transformers 5.25 and TRL 1.16. Refused with an error: LOMO/AdaLomo (they update the
 weights inside ``backward``, between the passes) and SageMaker model parallelism.
 """
@@ -56,6 +60,7 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import os
 from typing import Any
 
 import torch
@@ -69,6 +74,7 @@ from transformers.utils import is_sagemaker_mp_enabled
 from ..methods import FGM, PGD, R3F, SMART, VAT, Adversary, FreeLB, GradientPenalty
 
 _ADVERSARIES = (FGM, PGD, FreeLB, GradientPenalty, VAT, SMART, R3F)
+ADVERSARY_STATE_NAME = "fastadv_adversary.pt"  # the adversary's state_dict() in each Trainer checkpoint
 _CONSISTENCY = (VAT, SMART, R3F)  # their closure returns the outputs: the term compares the logits
 
 
@@ -196,6 +202,7 @@ class AdversarialTrainingMixin:
         self.adversary = adversary
         self.adversary_start_step = adversary_start_step
         self._adversarial_step_pending = False
+        self._teacher_moved_at: int | None = None  # the optimizer step SMART's teacher last moved at (None: not yet)
         super().__init__(*args, **kwargs)
         if is_sagemaker_mp_enabled():
             raise NotImplementedError(
@@ -301,6 +308,9 @@ class AdversarialTrainingMixin:
         with_mask = isinstance(self.adversary, (FreeLB, *_CONSISTENCY))
         step_kwargs: dict[str, Any] = {"attention_mask": inputs.get("attention_mask")} if with_mask else {}
         step_kwargs["enabled"] = self.state.global_step >= self.adversary_start_step
+        if isinstance(self.adversary, SMART):  # its teacher moves once per optimizer step, at its first micro-batch
+            step_kwargs["teacher_step"] = self.state.global_step != self._teacher_moved_at
+            self._teacher_moved_at = self.state.global_step
         scaler = getattr(self.accelerator, "scaler", None)
         if scaler is not None and isinstance(self.adversary, (PGD, GradientPenalty, *_CONSISTENCY)):
             step_kwargs["scaler"] = scaler  # their dL/de-only passes scale the loss too (fp16)
@@ -318,6 +328,26 @@ class AdversarialTrainingMixin:
         # Trainer's next call is accelerator.backward on the loss returned here: every pass already ran its own.
         self.accelerator.backward = skip_trainers_backward
         return loss.detach()
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Trainer's, and the adversary's carried state (``state_dict()``: its skipped steps, SMART's teacher) in
+        ``output_dir/fastadv_adversary.pt``, so that ``resume_from_checkpoint`` carries on from it."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(self.adversary.state_dict(), os.path.join(output_dir, ADVERSARY_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer's, and the adversary's carried state where the checkpoint holds one (a checkpoint saved
+        without fastadv holds none: the adversary then starts afresh, as it would have)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, ADVERSARY_STATE_NAME)
+        if os.path.isfile(path):
+            self.adversary.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+            self._teacher_moved_at = None  # the resumed step's first micro-batch moves SMART's teacher
 
     # ------------------------------------------------------------ internals
 

@@ -29,11 +29,11 @@ from ..targets import (
     tied_targets,
 )
 from ..targets.structure import structure_version
-from ._common import SkipCounter, check_emb_name
+from ._common import CarriedState, SkipCounter, check_emb_name
 from ._finite import FiniteGuard
 
 
-class EmbeddingAttack:
+class EmbeddingAttack(CarriedState):
     """Base of the attacks that perturb the embedding along its gradient and restore it afterwards.
 
     It hooks every nn.Embedding of ``model`` at construction (to record the rows each batch

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -29,6 +29,10 @@ class Adversary(Protocol):
     model: nn.Module
 
     def step(self, closure: Closure, backward: BackwardFn | None = None, *, enabled: bool = True) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 def check_epsilon(value: float, name: str = "epsilon") -> float:
@@ -146,3 +150,37 @@ class SkipCounter:
 
     def __int__(self) -> int:
         return 0 if self._count is None else int(self._count)
+
+    def set(self, count: int) -> None:
+        """Start from ``count`` steps (a checkpoint's); nothing is counted as the last step."""
+        self._count, self._last = torch.tensor(count, dtype=torch.long), None
+
+
+class CarriedState:
+    """What a method carries from one step to the next, for checkpoints: ``state_dict()`` and
+    ``load_state_dict()``, as torch modules and optimizers have them. The Trainer mixin
+    (``fastadv.integrations.hf``) saves it beside the optimizer's state and loads it on resume.
+
+    Every method carries its count of skipped steps (``skipped_steps``); SMART with ``proximal_weight`` its
+    momentum teacher too.
+    """
+
+    _skipped: SkipCounter
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's carried state: ``{"skipped_steps": int}`` (SMART: and ``"teacher"``). Reading it syncs."""
+        return {"skipped_steps": int(self._skipped)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Carry on from ``state`` (what :meth:`state_dict` gave, e.g. from a checkpoint)."""
+        expected = set(self.state_dict())
+        if not isinstance(state, Mapping) or set(state) != expected:
+            found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict() takes what its state_dict() gives, the keys "
+                f"{sorted(expected)}; found {found}."
+            )
+        count = state["skipped_steps"]
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+            raise ValueError(f"skipped_steps must be an int >= 0, found {count!r}.")
+        self._skipped.set(int(count))

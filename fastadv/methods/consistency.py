@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from ..targets import RowGradientHooks, lookup_scale, on_output, subscribe
 from ..targets.row_gradients import prepare_dense_gradient
 from ._common import (
     BackwardFn,
+    CarriedState,
     SkipCounter,
     check_emb_name,
     check_epsilon,
@@ -139,7 +140,7 @@ def symmetric_kl_of_log_probabilities(
     return (per_position * mask).sum() / mask.sum().clamp(min=1)
 
 
-class _Consistency:
+class _Consistency(CarriedState):
     """What VAT, SMART and R3F share: the delta hook, the closure's outputs, the combined backward."""
 
     method = ""
@@ -578,6 +579,7 @@ class SMART(_Consistency):
                 f"{proximal_momentum}."
             )
         self._teacher: MomentumTeacher | None = None  # made at the first step with the proximal term
+        self._teacher_step: bool | None = None  # step()'s teacher_step, for the step under way
         self.epsilon = check_epsilon(epsilon)
         self.step_size = check_epsilon(step_size, "step_size")
         self.noise_var = check_epsilon(noise_var, "noise_var")
@@ -597,11 +599,65 @@ class SMART(_Consistency):
         """The teacher's clean logits (B x C or B x T x C, no gradient), its weights updated first."""
         if self.proximal_weight == 0:
             return None
+        moves, self._teacher_step = self._teacher_step, None
         if self._teacher is None:
             self._teacher = MomentumTeacher(self.model, self._data_parallel.deepspeed, self.method)
-        else:
+        elif moves or (moves is None and self._teacher.weights_moved()):
             self._teacher.update(self.proximal_momentum)
         return self._teacher.logits(closure)
+
+    def step(
+        self,
+        closure: OutputClosure,
+        backward: BackwardFn | None = None,
+        attention_mask: torch.Tensor | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        enabled: bool = True,
+        teacher_step: bool | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`VAT.step`, and ``teacher_step`` for the proximal point's teacher, which moves once per
+        optimizer step: True, the weights moved since the last step (an optimizer step ran: the teacher moves
+        first); False, they did not (another micro-batch of the same optimizer step); None (the default), read
+        off the trainable parameters' version counters, which every in-place write bumps (an optimizer that
+        writes through ``.data`` or raw pointers, as bitsandbytes' 8-bit ones do, bumps none: pass it there).
+        The Trainer mixin passes it."""
+        self._teacher_step = None if teacher_step is None else check_flag(teacher_step, "teacher_step")
+        try:
+            return super().step(closure, backward, attention_mask, scaler, enabled)
+        finally:
+            self._teacher_step = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """``skipped_steps``, and ``teacher``: the teacher's weights (a list of tensors, one per trainable
+        parameter, in ``model.parameters()`` order), None before the first step with the proximal term."""
+        teacher = None if self._teacher is None else [w.detach().clone() for w in self._teacher.weights]
+        return {**super().state_dict(), "teacher": teacher}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Carry on from ``state``: the count of skipped steps, and the teacher's weights (it moves at the next
+        step, as after the optimizer step the checkpoint followed)."""
+        super().load_state_dict(state)
+        weights = state["teacher"]
+        if weights is None:
+            self._teacher = None
+            return
+        if self.proximal_weight == 0:
+            raise ValueError(
+                "the state holds a proximal-point teacher, and this SMART has proximal_weight=0: build it with the "
+                "proximal_weight it was saved with."
+            )
+        teacher = MomentumTeacher(self.model, self._data_parallel.deepspeed, self.method)
+        shapes = [tuple(w.shape) for w in weights]
+        if shapes != [tuple(p.shape) for p in teacher.params]:
+            raise ValueError(
+                f"the state's teacher has {len(weights)} tensors, the model {len(teacher.params)} trainable "
+                "parameters, of other shapes: load it into a SMART on the model it was saved from."
+            )
+        with torch.no_grad():
+            for mine, saved in zip(teacher.weights, weights, strict=True):
+                mine.copy_(saved)
+        teacher.forget_versions()  # the model's weights moved since the teacher last did (an optimizer step)
+        self._teacher = teacher
 
     def _extra_term(self, before: torch.Tensor | None, clean: torch.Tensor) -> torch.Tensor | None:
         if before is None:
@@ -665,11 +721,25 @@ class MomentumTeacher:
             raise ValueError(f"{method}'s proximal point needs trainable parameters, and the model has none.")
         with torch.no_grad():
             self.weights = [p.detach().clone() for p in self.params]
+        self._versions: tuple[int, ...] | None = self._read_versions()  # None: unknown (loaded)
+
+    def _read_versions(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)
+
+    def weights_moved(self) -> bool:
+        """Whether a trainable parameter was written in place (an optimizer step) since the teacher was made or
+        last moved; the teacher's own forward (it swaps ``.data``) writes none."""
+        return self._versions != self._read_versions()
+
+    def forget_versions(self) -> None:
+        """The next :meth:`weights_moved` says True (a teacher loaded from a checkpoint)."""
+        self._versions = None
 
     def update(self, momentum: float) -> None:
         """theta~ <- momentum * theta~ + (1 - momentum) * theta, on the device (one fused call)."""
         with torch.no_grad():
             torch._foreach_lerp_(self.weights, [p.detach() for p in self.params], 1.0 - momentum)
+        self._versions = self._read_versions()
 
     def logits(self, closure: OutputClosure) -> torch.Tensor:
         """The closure's logits with the teacher's weights, detached; the model's own weights after, always."""

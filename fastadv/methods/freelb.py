@@ -15,6 +15,7 @@ from ..errors import EmbeddingNotFoundError, FastAdvWarning, MissingGradientErro
 from ..targets import EmbeddingTable, RowGradientHooks, lookup_scale, named_tables, on_output, subscribe
 from ._common import (
     BackwardFn,
+    CarriedState,
     Closure,
     SkipCounter,
     check_emb_name,
@@ -29,7 +30,7 @@ from ._finite import FiniteGuard, all_finite
 FreeLBNorm = Literal["l2", "linf"]
 
 
-class FreeLB:
+class FreeLB(CarriedState):
     """FreeLB (Zhu et al., ICLR 2020): adversarial training with K ascent steps, their gradients accumulated.
 
     A perturbation ``delta`` (B x T x d, one vector per token position) is added to the output e

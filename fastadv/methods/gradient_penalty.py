@@ -13,6 +13,7 @@ from ..errors import FastAdvError, MissingGradientError
 from ..targets import LookupEdges, RowGradientHooks, data_parallel_seen, named_tables
 from ._common import (
     BackwardFn,
+    CarriedState,
     Closure,
     SkipCounter,
     check_emb_name,
@@ -28,7 +29,7 @@ from ._finite import FiniteGuard, all_finite
 Mode = Literal["finite_difference", "exact"]
 
 
-class GradientPenalty:
+class GradientPenalty(CarriedState):
     """Penalize the gradient of the loss with respect to the embedding output e (B x T x d).
 
     The penalized loss is ``L + 0.5 * epsilon * ||dL/de||^2``, one vector of e per token
