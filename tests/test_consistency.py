@@ -433,7 +433,9 @@ def test_smart_teacher_forward_that_raises_leaves_the_model_on_its_own_weights()
 def test_smart_proximal_point_refuses_sharded_parameters_and_a_bad_momentum():
     model = tiny_bert()
     b = batch("bert")
-    next(model.parameters()).ds_id = 0  # as DeepSpeed ZeRO-3 marks its partitioned parameters
+    # As DeepSpeed ZeRO-3 marks its partitioned parameters; not the table, whose engine check (once deepspeed is
+    # imported, e.g. by an earlier Trainer test) would refuse the step before the teacher is made.
+    model.classifier.weight.ds_id = 0
     with pytest.raises(NotImplementedError, match="proximal_weight=0"):
         SMART(model, proximal_weight=1.0).step(lambda: model(**b))
     with pytest.raises(ValueError, match=r"proximal_momentum must be in \[0, 1\)"):
