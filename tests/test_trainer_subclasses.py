@@ -414,3 +414,61 @@ def test_a_subclasss_own_counters_count_the_clean_pass_only(tmp_path, method):
     want = counted(plain)
     assert want[0] > 0 and len(want[3]) == MICRO * ACCUM * STEPS // MICRO
     assert counted(trainer) == want, f"counted {counted(trainer)} under {method}, a plain Trainer {want}"
+
+
+# ------------------------------------------------------------ VAT, SMART, R3F on T5: the decoder's positions
+
+
+class PaddedSeq2SeqExamples(Seq2SeqExamples):
+    """As Seq2SeqExamples (sources 9, targets 5), with padding: every third source ends in 3 pads (mask 0), every
+    second target in 2 (labels -100, as Seq2Seq collators pad them)."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids, labels = self.sources[i].clone(), self.targets[i].clone()
+        mask = torch.ones_like(ids)
+        if i % 3 == 0:
+            ids[6:], mask[6:] = 0, 0
+        if i % 2 == 0:
+            labels[3:] = -100
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@pytest.mark.parametrize("trainer_class", ["Seq2SeqTrainer", "Trainer"])
+@pytest.mark.parametrize("method", ["vat", "smart", "r3f"])
+def test_consistency_methods_on_t5_average_over_the_decoders_positions(tmp_path, monkeypatch, method, trainer_class):
+    # The mixin gives the step the decoder's positions (labels != -100); the hand loop passes them itself, and
+    # tests/test_seq2seq_consistency.py holds that step to a decoder-masked inputs_embeds reference.
+    from test_seq2seq_consistency import shared_noise
+
+    from fastadv import R3F, SMART, VAT
+
+    make = {
+        "vat": lambda m: VAT(m, epsilon=1.0, xi=0.3),
+        "smart": lambda m: SMART(m, epsilon=0.05, step_size=0.02, noise_var=0.01),
+        "r3f": lambda m: R3F(m, epsilon=0.3),
+    }[method]
+    restart = shared_noise(monkeypatch)
+    model, reference = t5(), t5()
+    initial = flat(model)
+    args_class = {"Seq2SeqTrainer": transformers.Seq2SeqTrainingArguments, "Trainer": transformers.TrainingArguments}
+    args = args_class[trainer_class](output_dir=str(tmp_path), **common_args())
+    trainer = adversarial_trainer(getattr(transformers, trainer_class))(
+        adversary=make(model), model=model, args=args, train_dataset=PaddedSeq2SeqExamples()
+    )
+    trainer.train()
+    batches = train_batches(trainer)
+    assert any((b["labels"] == -100).any() for b in batches) and any((b["attention_mask"] == 0).any() for b in batches)
+    restart()
+    adversary = make(reference)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    reference.train()
+    for i, batch in enumerate(batches):
+        adversary.step(
+            lambda batch=batch: reference(**batch),
+            attention_mask=batch["attention_mask"],
+            decoder_attention_mask=(batch["labels"] != -100).long(),
+        )
+        if (i + 1) % ACCUM == 0:
+            optimizer.step()
+            reference.zero_grad()
+    assert_same_training(model, reference, initial, f"{trainer_class} + {method} on T5 against the hand loop")

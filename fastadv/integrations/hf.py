@@ -99,6 +99,18 @@ def _plain_data(value: object, depth: int = 0) -> bool:
     return False
 
 
+def _decoder_positions(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """B x T_dec, an encoder-decoder batch's decoder positions: its ``decoder_attention_mask``, else where its
+    labels are not -100 (Seq2SeqTrainer's collator pads them so); None without either."""
+    mask = inputs.get("decoder_attention_mask")
+    if mask is not None:
+        return mask
+    labels = inputs.get("labels")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2:
+        return (labels != -100).long()
+    return None
+
+
 def _same_tensor_layout(now: object, clean: object) -> bool:
     return (
         isinstance(now, torch.Tensor)
@@ -307,6 +319,8 @@ class AdversarialTrainingMixin:
 
         with_mask = isinstance(self.adversary, (FreeLB, *_CONSISTENCY))
         step_kwargs: dict[str, Any] = {"attention_mask": inputs.get("attention_mask")} if with_mask else {}
+        if consistency and getattr(getattr(self.adversary.model, "config", None), "is_encoder_decoder", False):
+            step_kwargs["decoder_attention_mask"] = _decoder_positions(inputs)  # the logits' positions
         step_kwargs["enabled"] = self.state.global_step >= self.adversary_start_step
         if isinstance(self.adversary, SMART):  # its teacher moves once per optimizer step, at its first micro-batch
             step_kwargs["teacher_step"] = self.state.global_step != self._teacher_moved_at

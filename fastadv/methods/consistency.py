@@ -164,6 +164,9 @@ class _Consistency(CarriedState):
         self._active = False  # a perturbed pass is running
         self._probe = False  # its deltas are leaves whose gradient the pass takes
         self._mask: torch.Tensor | None = None
+        self._decoder_mask: torch.Tensor | None = None
+        # T5, BART: the logits are the decoder's positions, the first lookup the encoder's.
+        self._encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         self._handles = [subscribe(m, self._on_lookup) for m in self.modules]
         self._row_gradients = RowGradientHooks(model)
 
@@ -193,6 +196,7 @@ class _Consistency(CarriedState):
         attention_mask: torch.Tensor | None = None,
         scaler: torch.amp.GradScaler | None = None,
         enabled: bool = True,
+        decoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One step's passes; the gradient of ``loss + weight * term`` accumulates in ``.grad``, the optimizer
         step is yours.
@@ -204,7 +208,11 @@ class _Consistency(CarriedState):
             backward: backpropagates a loss, default ``loss.backward()``; e.g. ``accelerator.backward`` or
                 ``lambda loss: scaler.scale(loss).backward()``.
             attention_mask: B x T, 0/1: the positions the divergence averages over (per-token logits) and, for
-                VAT, the positions its perturbation lives on.
+                VAT, the positions its perturbation lives on (of the first lookup: an encoder-decoder's encoder).
+            decoder_attention_mask: for an encoder-decoder model (T5, BART), B x T_dec, 0/1: the decoder's
+                positions, which its logits have: the divergence averages over them, and VAT's perturbation of
+                the decoder's lookup lives on them. The batch's ``decoder_attention_mask``, or ``labels != -100``.
+                Required there with ``attention_mask`` (the encoder's mask does not fit the decoder's positions).
             scaler: under fp16 autocast, the GradScaler: the inner passes (VAT, SMART) then scale their
                 divergence so that small gradients do not underflow; the direction is the same.
             enabled: False: a plain step (one forward, one backward of the task loss), for a warm-up before
@@ -217,10 +225,9 @@ class _Consistency(CarriedState):
             raise RuntimeError(
                 f"{self.method}'s hooks were removed by remove_hooks(): create a new {self.method} to train with it."
             )
-        if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-            raise TypeError(
-                f"attention_mask must be a B x T tensor of 0/1 (or None), found {type(attention_mask).__name__}."
-            )
+        for name, given in (("attention_mask", attention_mask), ("decoder_attention_mask", decoder_attention_mask)):
+            if given is not None and not isinstance(given, torch.Tensor):
+                raise TypeError(f"{name} must be a B x T tensor of 0/1 (or None), found {type(given).__name__}.")
         backward = backward or plain_backward
         self._data_parallel.check_knows_engine([self._table], f"'{self.name}'")  # a bare model under DeepSpeed
         if not check_flag(enabled, "enabled"):
@@ -232,7 +239,7 @@ class _Consistency(CarriedState):
                 )
             backward(loss)
             return loss.detach()
-        self._mask = attention_mask
+        self._mask, self._decoder_mask = attention_mask, decoder_attention_mask
         self._skipped.begin_step()
         # Armed before the forwards: it notes an fp16 lookup there (its overflows are the scaler's to see). The
         # inner passes' gradients go to the deltas alone and pass no parameter's AccumulateGrad.
@@ -255,7 +262,7 @@ class _Consistency(CarriedState):
                 term = self._term(closure, clean, scaler)
                 extra = self._extra_term(before, clean)
             finally:
-                self._mask, self._deltas, self._draw = None, [], None
+                self._mask, self._decoder_mask, self._deltas, self._draw = None, None, [], None
             term_total = self.weight * term if extra is None else self.weight * term + extra
             total = term_total if loss is None else loss + term_total
             self._guard.loss(total)  # not finite: the step gives .grad nothing, and is counted
@@ -333,13 +340,26 @@ class _Consistency(CarriedState):
             return self._ascent_gradients(divergence, scaler)
 
     def _mask_for(self, logits: torch.Tensor) -> torch.Tensor | None:
-        mask = self._mask
-        if mask is None or logits.dim() != 3:
+        """B x T: the positions of per-token logits (B x T x C) the divergence averages over; None: all of them
+        (or B x C logits)."""
+        if logits.dim() != 3:
+            return None
+        if self._decoder_mask is not None:
+            mask, name = self._decoder_mask, "decoder_attention_mask"
+        elif self._mask is not None and self._encoder_decoder:
+            raise ValueError(
+                f"{self.method} averages its divergence over the logits' positions, which are the decoder's on this "
+                f"encoder-decoder model (logits {tuple(logits.shape)}), and attention_mask is the encoder's: pass "
+                "decoder_attention_mask= too (the batch's decoder_attention_mask, or labels != -100)."
+            )
+        else:
+            mask, name = self._mask, "attention_mask"
+        if mask is None:
             return None
         if tuple(mask.shape) != tuple(logits.shape[:2]):
             raise ValueError(
-                f"attention_mask has shape {tuple(mask.shape)}, the logits {tuple(logits.shape)}: pass the batch's "
-                "B x T attention mask."
+                f"{name} has shape {tuple(mask.shape)}, the logits {tuple(logits.shape)}: pass the batch's B x T "
+                f"{name}" + (" (the decoder's positions)." if name != "attention_mask" else ".")
             )
         return mask.to(logits.device)
 
@@ -368,14 +388,17 @@ class _Consistency(CarriedState):
         return output + on_output(delta, lookup_scale(module, ids.detach(), output)).to(output.dtype)
 
     def _positions(self, ids: torch.Tensor, module_index: int) -> torch.Tensor:
-        """B x T x 1, fp32: the positions a perturbation lives on (the first lookup's attention mask, else the
-        non-padding ids, else all)."""
-        mask = self._mask if module_index == 0 and self._mask is not None else None
+        """B x T x 1, fp32: the positions a perturbation lives on: the first lookup's, the attention mask; the
+        second's, an encoder-decoder's decoder lookup, the decoder's mask; else the non-padding ids, else all."""
+        given = {0: ("attention_mask", self._mask), 1: ("decoder_attention_mask", self._decoder_mask)}
+        name, mask = given.get(module_index, ("", None))
+        if module_index == 1 and not self._encoder_decoder:
+            mask = None
         if mask is not None:
             if mask.shape != ids.shape:
                 raise ValueError(
-                    f"attention_mask has shape {tuple(mask.shape)}, the ids looked up in '{self.name}' have shape "
-                    f"{tuple(ids.shape)}: pass the batch's B x T attention mask."
+                    f"{name} has shape {tuple(mask.shape)}, the ids looked up in '{self.name}' have shape "
+                    f"{tuple(ids.shape)}: pass the batch's B x T {name}."
                 )
         else:
             padding_idx = getattr(self.modules[0], "padding_idx", None)
@@ -613,6 +636,7 @@ class SMART(_Consistency):
         attention_mask: torch.Tensor | None = None,
         scaler: torch.amp.GradScaler | None = None,
         enabled: bool = True,
+        decoder_attention_mask: torch.Tensor | None = None,
         teacher_step: bool | None = None,
     ) -> torch.Tensor:
         """As :meth:`VAT.step`, and ``teacher_step`` for the proximal point's teacher, which moves once per
@@ -623,7 +647,7 @@ class SMART(_Consistency):
         The Trainer mixin passes it."""
         self._teacher_step = None if teacher_step is None else check_flag(teacher_step, "teacher_step")
         try:
-            return super().step(closure, backward, attention_mask, scaler, enabled)
+            return super().step(closure, backward, attention_mask, scaler, enabled, decoder_attention_mask)
         finally:
             self._teacher_step = None
 
