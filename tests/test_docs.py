@@ -39,8 +39,10 @@ DOC_TOPICS = ("targets", "methods", "engines", "snippet-differences", "backends"
 README_MAX_BYTES = 12_000  # the issue's "about 10 KB": the details live in docs/, the tables in bench/
 CI_RUN = (ROOT / ".ci" / "run").read_text()
 CI_LINES = {line.strip() for line in CI_RUN.splitlines()}
-# The README's set-up commands start with CI's own virtualenv and install.
+# The README's set-up commands start with CI's own virtualenv and install (the tests'), or with the same
+# install of the main job's lighter extra (the demo's: no test stack).
 CI_SETUP = 'python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 -e ".[test]" && '
+DEMO_SETUP = CI_SETUP.replace('".[test]"', '".[demo]"')
 PYTHONS = ("python", "python3", ".venv/bin/python")
 REPO_PATH = re.compile(r"(?<![\w/.])((?:fastadv|kernels|tests|bench|examples|docs)/[\w./-]*)")
 SCRIPT_FOLDERS = (ROOT / "bench", ROOT / "examples")
@@ -196,6 +198,10 @@ def command_checks(line: str) -> list[tuple[tuple[str, ...], list[str]]]:
     if command.startswith(CI_SETUP):  # CI's set-up, then a script
         assert CI_SETUP + ".venv/bin/python -m pytest -q" in CI_LINES, ".ci/run no longer sets up as the docs do"
         command = command[len(CI_SETUP) :]
+    elif command.startswith(DEMO_SETUP):  # the main job's install: an extra of pyproject.toml, then the demo
+        assert "\ndemo = [" in (ROOT / "pyproject.toml").read_text(), "pyproject.toml has no demo extra"
+        command = command[len(DEMO_SETUP) :]
+        assert f"{command.strip()} --quick" in CI_LINES, f".ci/run does not run {command.strip()} --quick"
     words = shlex.split(command)
     while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):
         words = words[1:]
