@@ -188,6 +188,12 @@ class AdversarialTrainingMixin:
     def __init__(
         self, *args: Any, adversary: Adversary | None = None, adversary_start_step: int = 0, **kwargs: Any
     ) -> None:
+        self._set_adversary(adversary, adversary_start_step)
+        super().__init__(*args, **kwargs)
+        self._check_trainer()
+
+    def _set_adversary(self, adversary: Adversary | None, adversary_start_step: int) -> None:
+        """The mixin's state, its arguments checked (before Trainer's __init__: nothing of Trainer's is read)."""
         name = type(self).__name__
         if not isinstance(self, Trainer):
             raise TypeError(
@@ -215,7 +221,10 @@ class AdversarialTrainingMixin:
         self.adversary_start_step = adversary_start_step
         self._adversarial_step_pending = False
         self._teacher_moved_at: int | None = None  # the optimizer step SMART's teacher last moved at (None: not yet)
-        super().__init__(*args, **kwargs)
+
+    def _check_trainer(self) -> None:
+        """What the built Trainer must allow: the adversary's passes between its forward and its optimizer step."""
+        name = type(self).__name__
         if is_sagemaker_mp_enabled():
             raise NotImplementedError(
                 f"{name} does not support SageMaker model parallelism: its forward-backward runs as one "
