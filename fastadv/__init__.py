@@ -14,7 +14,7 @@ from .errors import (
     ReentrantCheckpointError,
     WeightRowsUnavailableError,
 )
-from .methods import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty
+from .methods import FGM, PGD, R3F, SMART, VAT, FreeLB, GradientPenalty, build_adversary
 
 __version__ = "0.1.0"
 
@@ -36,4 +36,5 @@ __all__ = [
     "ReentrantCheckpointError",
     "WeightRowsUnavailableError",
     "__version__",
+    "build_adversary",
 ]

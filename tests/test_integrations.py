@@ -631,3 +631,70 @@ def test_load_state_dict_refuses_what_it_cannot_carry():
     fgm = FGM(model)
     fgm.load_state_dict({"skipped_steps": 7})
     assert fgm.skipped_steps == 7 and fgm.state_dict() == {"skipped_steps": 7}
+
+
+# ------------------------------------------------------------ an adversary on a Trainer already built, by name
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd"])
+def test_make_adversarial_on_a_built_trainer_trains_as_the_adversarial_trainer_class(tmp_path, method):
+    from transformers import Trainer
+
+    from fastadv import build_adversary
+    from fastadv.integrations.hf import AdversarialTrainingMixin, make_adversarial
+
+    options = {"fgm": {"epsilon": "1.0"}, "pgd": {"epsilon": "1.0", "alpha": "0.3", "steps": "2"}}[method]
+    model, reference = bert(), bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path / "a"), train_dataset=Examples())  # as a framework
+    returned = make_adversarial(trainer, build_adversary(trainer.model, method, **options), adversary_start_step=1)
+    assert returned is trainer and isinstance(trainer, AdversarialTrainingMixin)
+    assert type(trainer).__name__ == "AdversarialTrainer" and trainer.adversary_start_step == 1
+    trainer.train()
+    adversary = {"fgm": lambda m: FGM(m, epsilon=1.0), "pgd": lambda m: PGD(m, epsilon=1.0, alpha=0.3, steps=2)}
+    twin = adversarial_trainer(reference, adversary[method](reference), tmp_path / "b")
+    twin.adversary_start_step = 1
+    twin.train()
+    assert torch.equal(flat(model), flat(reference)), "make_adversarial trained otherwise than AdversarialTrainer"
+
+
+def test_make_adversarial_refuses_and_leaves_the_trainer_as_it_was(tmp_path):
+    from transformers import Trainer
+
+    from fastadv.integrations.hf import make_adversarial
+
+    model = bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=Examples())
+    with pytest.raises(ValueError, match="not the model this Trainer trains"):
+        make_adversarial(trainer, FGM(bert()))
+    with pytest.raises(ValueError, match="adversary_start_step must be an int"):
+        make_adversarial(trainer, FGM(model), adversary_start_step=-1)
+    assert type(trainer) is Trainer and "adversary" not in vars(trainer), "a refusal changed the Trainer"
+    with pytest.raises(TypeError, match=r"takes a transformers\.Trainer instance, found BertForSequenceClassification"):
+        make_adversarial(model, FGM(model))
+    make_adversarial(trainer, FGM(model))
+    with pytest.raises(ValueError, match="adversarial already"):
+        make_adversarial(trainer, PGD(model))
+
+
+def test_build_adversary_reads_names_and_options_as_a_config_gives_them():
+    from fastadv import build_adversary
+
+    model = bert()
+    pgd = build_adversary(model, "PGD", epsilon="0.5", alpha="0.1", steps="4", target="weight")
+    assert isinstance(pgd, PGD) and (pgd.epsilon, pgd.alpha, pgd.steps, pgd.target) == (0.5, 0.1, 4, "weight")
+    assert build_adversary(model, "fgsm").norm == "sign" and build_adversary(model, "fgm", epsilon=2).epsilon == 2
+    assert isinstance(build_adversary(model, "gp", epsilon="0.1"), GradientPenalty)
+    assert isinstance(build_adversary(model, "gradient-penalty"), GradientPenalty)
+    freelb = build_adversary(model, "freelb", adv_steps="2", keep_clean_loss="true")
+    assert (freelb.adv_steps, freelb.keep_clean_loss) == (2, True)
+    smart = build_adversary(model, "smart", proximal_weight="1", steps="2")
+    assert (smart.proximal_weight, smart.steps) == (1.0, 2)
+    assert isinstance(build_adversary(model, "vat", xi="0.2"), VAT) and isinstance(build_adversary(model, "r3f"), R3F)
+    with pytest.raises(ValueError, match="no fastadv method is named 'fmg'"):
+        build_adversary(model, "fmg")
+    with pytest.raises(ValueError, match=r"no option 'eps': its options are epsilon=1\.0"):
+        build_adversary(model, "pgd", eps=1.0)
+    with pytest.raises(ValueError, match=r"option steps is an int \(default 3\), found '2\.5'"):
+        build_adversary(model, "pgd", steps="2.5")
+    with pytest.raises(ValueError, match="norm must be"):
+        build_adversary(model, "fgm", norm="l3")

@@ -472,3 +472,37 @@ def _with_mixin(trainer_class: type[Trainer]) -> type[Trainer]:
             "__doc__": f"{trainer_class.__name__} with AdversarialTrainingMixin.",
         },
     )
+
+
+def make_adversarial(trainer: Trainer, adversary: Adversary, adversary_start_step: int = 0) -> Trainer:
+    """Make a Trainer that is already built (by a framework: LLaMA-Factory, axolotl, TRL's CLI) run ``adversary``'s
+    passes: its class becomes ``adversarial_trainer(type(trainer))``, with the checks and the warm-up of
+    ``AdversarialTrainingMixin``. Call it before ``trainer.train()``.
+
+    Args:
+        trainer: a ``transformers.Trainer`` instance, of any subclass.
+        adversary: a fastadv method built on the model the Trainer trains (``trainer.model``), e.g.
+            ``FGM(trainer.model)`` or ``build_adversary(trainer.model, "pgd", epsilon=1.0)``.
+        adversary_start_step: the optimizer steps trained plainly before the adversary starts.
+
+    Returns the same object, now adversarial. On a refusal (an adversary on another model, LOMO, ...) it is left
+    as it was.
+    """
+    if not isinstance(trainer, Trainer):
+        raise TypeError(f"make_adversarial takes a transformers.Trainer instance, found {type(trainer).__name__}.")
+    if isinstance(trainer, AdversarialTrainingMixin):
+        raise ValueError(
+            f"the {type(trainer).__name__} is adversarial already (its adversary: {trainer.adversary!r}): one "
+            "adversary per Trainer."
+        )
+    built = type(trainer)
+    trainer.__class__ = adversarial_trainer(built)
+    try:
+        trainer._set_adversary(adversary, adversary_start_step)
+        trainer._check_trainer()
+    except BaseException:
+        trainer.__class__ = built
+        for name in ("adversary", "adversary_start_step", "_adversarial_step_pending", "_teacher_moved_at"):
+            trainer.__dict__.pop(name, None)
+        raise
+    return trainer
