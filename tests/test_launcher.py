@@ -166,3 +166,60 @@ def test_a_sitecustomize_of_the_environment_still_runs(tmp_path):
     done = launch(tmp_path, script, "--method", "fgm", env={"PYTHONPATH": path})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "theirs 1" in done.stdout and "trained with AdversarialTrainer" in done.stdout
+
+
+# ------------------------------------------------------------ TRL's CLI: trl sft
+
+
+def sft_inputs(folder: Path) -> None:
+    """A tiny Llama with a word-level tokenizer in ``folder/model``, 12 texts in ``folder/data/train.jsonl``."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i for i in range(2, 64)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(config).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    (folder / "data").mkdir()
+    g = torch.Generator().manual_seed(4)
+    lines = [" ".join(f"w{int(t)}" for t in torch.randint(2, 64, (5 + i % 5,), generator=g)) for i in range(12)]
+    (folder / "data" / "train.jsonl").write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+
+
+def logged(stdout: str, key: str) -> list[str]:
+    import ast
+
+    return [ast.literal_eval(line)[key] for line in stdout.splitlines() if line.startswith("{") and f"'{key}'" in line]
+
+
+def test_trl_sft_through_the_launcher_trains_adversarially_with_the_same_token_counts(tmp_path):
+    sft_inputs(tmp_path)
+    trl = str(Path(sys.executable).parent / "trl")
+    arguments = [
+        "sft", "--model_name_or_path", "model", "--dataset_name", "data", "--max_steps", "3",
+        "--per_device_train_batch_size", "2", "--report_to", "none", "--use_cpu", "true", "--bf16", "false",
+        "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--max_length", "16",
+    ]  # fmt: skip
+    environment = {**os.environ, "FASTADV_METHOD": ""}
+    runs = {}
+    for name, prefix in (
+        ("plain", []),
+        ("fgm", [sys.executable, "-m", "fastadv.launcher", "--method", "fgm", "--set", "epsilon=1.0", "--"]),
+    ):
+        command = [*prefix, trl, *arguments, "--output_dir", f"out_{name}"]
+        runs[name] = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=environment)
+        assert runs[name].returncode == 0, runs[name].stderr[-3000:]
+    plain, fgm = runs["plain"], runs["fgm"]
+    assert "fastadv-run: SFTTrainer made adversarial as AdversarialSFTTrainer with FGM(epsilon=1.0" in fgm.stderr
+    tokens = logged(plain.stdout, "num_tokens")
+    assert len(tokens) == 3 and logged(fgm.stdout, "num_tokens") == tokens, "TRL's token counts changed"
+    assert logged(fgm.stdout, "grad_norm") != logged(plain.stdout, "grad_norm"), "the FGM run trained plainly"
