@@ -698,3 +698,41 @@ def test_build_adversary_reads_names_and_options_as_a_config_gives_them():
         build_adversary(model, "pgd", steps="2.5")
     with pytest.raises(ValueError, match="norm must be"):
         build_adversary(model, "fgm", norm="l3")
+
+
+# ------------------------------------------------------------ config keys (axolotl's plugin)
+
+
+def test_config_keys_make_a_built_trainer_adversarial_or_leave_it_plain(tmp_path):
+    from transformers import Trainer
+
+    from fastadv.integrations.from_config import make_adversarial_from_config
+
+    # What axolotl's plugin gets after building its Trainer: the config (attribute access there) and the Trainer.
+    class Config(dict):
+        __getattr__ = dict.get
+
+    model, reference, plain, plain_reference = bert(), bert(), bert(), bert()
+    trainer = Trainer(model=model, args=training_args(tmp_path / "a"), train_dataset=Examples())
+    config = Config(adversarial_method="pgd", adversarial_epsilon=1.0, adversarial_options={"alpha": 0.3, "steps": 2})
+    assert make_adversarial_from_config(config, trainer) is trainer and type(trainer).__name__ == "AdversarialTrainer"
+    trainer.train()
+    adversarial_trainer(reference, PGD(reference, epsilon=1.0, alpha=0.3, steps=2), tmp_path / "b").train()
+    assert torch.equal(flat(model), flat(reference)), "the config's PGD trained otherwise than AdversarialTrainer"
+
+    untouched = Trainer(model=plain, args=training_args(tmp_path / "c"), train_dataset=Examples())
+    assert make_adversarial_from_config(Config(), untouched) is None and type(untouched) is Trainer
+    untouched.train()
+    Trainer(model=plain_reference, args=training_args(tmp_path / "d"), train_dataset=Examples()).train()
+    assert torch.equal(flat(plain), flat(plain_reference)), "a config without the keys did not train plainly"
+
+    with pytest.raises(ValueError, match="sets adversarial_epsilon without adversarial_method"):
+        make_adversarial_from_config({"adversarial_epsilon": 1.0}, untouched)
+    with pytest.raises(ValueError, match="keep one"):
+        make_adversarial_from_config(
+            {"adversarial_method": "fgm", "adversarial_epsilon": 1.0, "adversarial_options": {"epsilon": 2.0}},
+            untouched,
+        )
+    with pytest.raises(ValueError, match="no option 'alpha'"):
+        make_adversarial_from_config({"adversarial_method": "fgm", "adversarial_options": {"alpha": 1}}, untouched)
+    assert type(untouched) is Trainer
