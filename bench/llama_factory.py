@@ -7,7 +7,7 @@ own transformers):
     python3 -m venv /tmp/lfvenv && /tmp/lfvenv/bin/pip install torch==2.13.0 llamafactory==0.9.5
     /tmp/lfvenv/bin/pip uninstall -y torchvision      # its wheel breaks beside the CPU torch; then move
     # torchaudio/lib/_torchaudio.so aside, and: /tmp/lfvenv/bin/pip install --no-deps -e .
-    /tmp/lfvenv/bin/python bench/llamafactory.py
+    /tmp/lfvenv/bin/python bench/llama_factory.py
 
 For full fine-tuning and LoRA, FGM and PGD, a tiny Qwen2 (built from a config, vocabulary 300, a byte-level BPE
 trained here) on 16 alpaca-format examples, ``--steps`` optimizer steps of batch 2, under LLaMA-Factory's
@@ -185,7 +185,7 @@ def main() -> int:
     from importlib.metadata import version
 
     note = (
-        f"fastadv {fastadv_revision()}; llamafactory {version('llamafactory')}; transformers "
+        f"{fastadv_revision()}; llamafactory {version('llamafactory')}; transformers "
         f"{version('transformers')}; tiny Qwen2 (V=300, d=32, 2 layers), batch 2"
     )
     base = provenance(torch.device("cpu"))

@@ -9,6 +9,7 @@ import accuracy
 import common
 import consistency
 import host_cost
+import llama_factory
 import pytest
 import record_growth
 import soak
@@ -28,6 +29,7 @@ LAYOUTS = {
     "accuracy.csv": accuracy.LAYOUT,
     "consistency.csv": consistency.LAYOUT,
     "host_cost.csv": host_cost.LAYOUT,
+    "llamafactory.csv": llama_factory.LAYOUT,
     "gpu_attack.csv": common.SHAPE_LAYOUT,
     "gpu_step.csv": STEP_LAYOUT,
     "gpu_step_cost.csv": step_cost.LAYOUT,
