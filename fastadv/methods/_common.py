@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -105,9 +106,7 @@ def output_gradients(
     try:
         return list(torch.autograd.grad(loss, edges, create_graph=create_graph, allow_unused=True))
     except RuntimeError as err:
-        # torch 2.2: "Checkpointing is not compatible with .grad() ..."; later: "When use_reentrant=True, ..."
-        message = str(err)
-        if ".grad()" not in message or "checkpoint" not in message.lower():
+        if not _is_reentrant_refusal(err):
             raise
         raise ReentrantCheckpointError(
             f"{method} takes dL/de, the gradient of the loss with respect to the embedding's output, with "
@@ -120,6 +119,96 @@ def output_gradients(
             "(recent transformers: activation_checkpointing_enable(), where it is the default); outside "
             f"transformers, torch.utils.checkpoint.checkpoint(..., use_reentrant=False){alternative}."
         ) from err
+
+
+def _is_reentrant_refusal(err: RuntimeError) -> bool:
+    # torch 2.2: "Checkpointing is not compatible with .grad() ..."; later: "When use_reentrant=True, ..."
+    message = str(err)
+    return ".grad()" in message and "checkpoint" in message.lower()
+
+
+class OutputGradientPasses:
+    """How one method takes dL/de in its passes that need no parameter gradient (pgd.step's inner passes, VAT's
+    and SMART's ascent, the finite-difference penalty's first pass).
+
+    ``torch.autograd.grad`` to the lookups alone, while it works. Reentrant activation checkpointing
+    (LLaMA-Factory's default, ``use_reentrant=True``) refuses it: the first time, the pass is run again and
+    taken with a plain ``backward()`` instead, and every later pass of this method too. That backward computes
+    every parameter's gradient, which is set aside: each trainable parameter's ``.grad`` is detached before it
+    and put back after, the pass's own dropped, so ``.grad`` ends as the pass found it. Its cost, paid only
+    under reentrant checkpointing: the parameters' gradients of the pass (a full backward, not one to the
+    lookups alone), and a transient ``.grad`` of every trainable parameter, the embedding table's dense V x d
+    one included. Sharded parameters (FSDP2, DeepSpeed) have no such fallback: there the refusal is
+    :class:`ReentrantCheckpointError`, which names the non-reentrant knobs.
+    """
+
+    def __init__(self, model: nn.Module, method: str, alternative: str = "") -> None:
+        self._model = model
+        self._method, self._alternative = method, alternative
+        self.reentrant = False  # the model was found to refuse torch.autograd.grad
+
+    def gradients(self, run: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]) -> list[torch.Tensor | None]:
+        """dL/de at each tensor ``run()`` gives with its loss (one forward pass: ``(loss, tensors)``); None where
+        the loss does not reach one. ``run`` may be called twice (the first time reentrant checkpointing refuses
+        ``torch.autograd.grad``)."""
+        params = None
+        if not self.reentrant:
+            loss, tensors = run()
+            try:
+                return output_gradients(loss, tensors, self._method, self._alternative)
+            except ReentrantCheckpointError:
+                params = self._trainable_parameters()
+                if params is None:
+                    raise
+                self.reentrant = True
+            del loss, tensors
+        params = self._trainable_parameters() if params is None else params
+        if params is None:  # sharded since: refuse as autograd.grad did
+            return output_gradients(*run(), self._method, self._alternative)
+        loss, tensors = run()
+        return backward_gradients(loss, tensors, params)
+
+    def _trainable_parameters(self) -> list[nn.Parameter] | None:
+        """The parameters whose ``.grad`` the fallback sets aside; None if one is sharded (no fallback)."""
+        params = [p for p in self._model.parameters() if p.requires_grad]
+        if any(type(p) not in (nn.Parameter, torch.Tensor) or hasattr(p, "ds_id") for p in params):
+            return None
+        return params
+
+
+def backward_gradients(loss: torch.Tensor, tensors: list, params: list[nn.Parameter]) -> list[torch.Tensor | None]:
+    """dL/d``tensors`` (tensors, or autograd ``GradientEdge`` s as :func:`output_gradients` takes them) by
+    ``loss.backward()``, read by hooks, with ``params``' ``.grad`` as they were before it (the backward's own
+    parameter gradients dropped); None for one the loss does not reach."""
+    found: list[torch.Tensor | None] = [None] * len(tensors)
+
+    def keep(index: int, grad: torch.Tensor | None) -> None:
+        if grad is not None:
+            found[index] = grad if found[index] is None else found[index] + grad
+
+    handles, leaves = [], []
+    for index, tensor in enumerate(tensors):
+        if isinstance(tensor, torch.Tensor):
+            if tensor.requires_grad:
+                handles.append(tensor.register_hook(functools.partial(keep, index)))
+                if tensor.is_leaf:
+                    leaves.append((tensor, tensor.grad))
+        else:  # a GradientEdge: the gradient its node receives for that output
+            number = tensor.output_nr
+            handles.append(tensor.node.register_prehook(lambda grads, i=index, n=number: keep(i, grads[n])))
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+    finally:
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
+        for leaf, grad in leaves:
+            leaf.grad = grad
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 class SkipCounter:

@@ -37,11 +37,11 @@ from ..targets.row_gradients import prepare_dense_gradient
 from ._common import (
     BackwardFn,
     CarriedState,
+    OutputGradientPasses,
     SkipCounter,
     check_emb_name,
     check_epsilon,
     check_flag,
-    output_gradients,
     plain_backward,
 )
 from ._finite import FiniteGuard, all_finite
@@ -157,6 +157,7 @@ class _Consistency(CarriedState):
         self._data_parallel = DataParallelBinding(model)
         self._skipped = SkipCounter()
         self._guard = FiniteGuard(model, self._skipped)  # the combined backward: non-finite gives .grad nothing
+        self._inner_passes = OutputGradientPasses(model, f"{self.method}'s ascent")  # VAT's and SMART's
         # Per-pass state, set only inside step().
         self._deltas: list[torch.Tensor] = []  # fp32, one per lookup, B x T x d; empty: drawn at the next lookups
         self._draw: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None  # while perturbing
@@ -317,27 +318,26 @@ class _Consistency(CarriedState):
             )
         return logits
 
-    def _ascent_gradients(
-        self, divergence: torch.Tensor, scaler: torch.amp.GradScaler | None
+    def _inner_pass(
+        self, closure: OutputClosure, draw, clean_log_p: torch.Tensor, mask: torch.Tensor | None, scaler
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """d divergence / d delta for each lookup (zeros where it does not reach), and whether all are finite
-        (0-dim bool): ``torch.autograd.grad`` to the deltas alone, no parameter gradient."""
-        scaled = divergence if scaler is None else scaler.scale(divergence)
-        grads = output_gradients(scaled, self._deltas, self.method)  # reentrant checkpointing: a clear error
+        """A forward at ``e + delta`` and the gradient of KL(p_clean || p_delta) to each lookup's delta alone
+        (``clean_log_p``: the clean logits' log-probabilities, detached; zeros where it does not reach), and
+        whether all are finite (0-dim bool). No parameter gradient: ``torch.autograd.grad`` to the deltas, or
+        under reentrant checkpointing a backward() whose parameter gradients are dropped
+        (:class:`OutputGradientPasses`)."""
+
+        def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            logits = self._perturbed_logits(closure, draw, probe=True)  # a second run reuses the drawn deltas
+            divergence = kl_of_log_probabilities(clean_log_p, log_probabilities(logits), mask)
+            return (divergence if scaler is None else scaler.scale(divergence)), self._deltas
+
+        with self._data_parallel.output_gradient_pass():  # DDP: this forward arms no all-reduce
+            grads = self._inner_passes.gradients(run)
         grads = [torch.zeros_like(d) if g is None else g.float() for d, g in zip(self._deltas, grads, strict=True)]
         finite = all_finite(grads)
         self._skipped.merge_into_last(~finite)  # one count per step
         return grads, finite
-
-    def _inner_pass(
-        self, closure: OutputClosure, draw, clean_log_p: torch.Tensor, mask: torch.Tensor | None, scaler
-    ) -> tuple:
-        """A forward at ``e + delta`` and the gradient of KL(p_clean || p_delta) to delta alone (``clean_log_p``:
-        the clean logits' log-probabilities, detached)."""
-        with self._data_parallel.output_gradient_pass():  # DDP: this forward arms no all-reduce
-            logits = self._perturbed_logits(closure, draw, probe=True)
-            divergence = kl_of_log_probabilities(clean_log_p, log_probabilities(logits), mask)
-            return self._ascent_gradients(divergence, scaler)
 
     def _mask_for(self, logits: torch.Tensor) -> torch.Tensor | None:
         """B x T: the positions of per-token logits (B x T x C) the divergence averages over; None: all of them

@@ -15,6 +15,7 @@ from ._common import (
     BackwardFn,
     CarriedState,
     Closure,
+    OutputGradientPasses,
     SkipCounter,
     check_emb_name,
     check_epsilon,
@@ -70,6 +71,9 @@ class GradientPenalty(CarriedState):
         self._row_gradients = RowGradientHooks(model)  # passes into a dense .grad add the table's gradient as rows
         self._hooks_removed = False
         self._skipped = SkipCounter()
+        # The finite difference's first pass: autograd.grad, or under reentrant checkpointing a backward() (see
+        # OutputGradientPasses); the exact mode's double backward has no such way (it raises there).
+        self._first_passes = OutputGradientPasses(model, f"GradientPenalty(mode={mode!r})")
         self._guard = FiniteGuard(model, self._skipped)  # a step whose loss or gradient is not finite: .grad untouched
 
     def bind_data_parallel(self, model: nn.Module) -> None:
@@ -128,12 +132,7 @@ class GradientPenalty(CarriedState):
                 self._guard.disarm()
         # A pass for dL/de alone: DDP does not arm its all-reduce, a DeepSpeed engine starts no backward of its own.
         with self._data_parallel.output_gradient_pass():
-            loss = check_loss(closure(), "closure()")
-            if scaler is None:
-                grads = self._output_gradients(loss, create_graph=False)
-            else:  # dL/de of the scaled loss, then the scale divided out, without reading it on the host
-                scale = scaler.scale(torch.ones((), device=loss.device))
-                grads = [g if g is None else g.div_(scale) for g in self._output_gradients(scaler.scale(loss), False)]
+            loss, grads = self._first_pass_gradients(closure, scaler)
         present = [g for g in grads if g is not None]
         # A non-finite dL/de skips the penalty on the device: the second pass is then a plain one.
         finite = all_finite(present)
@@ -208,10 +207,35 @@ class GradientPenalty(CarriedState):
             return self.epsilon
         return self.epsilon / torch.distributed.get_world_size(wrapper_group(wrapper))
 
+    def _first_pass_gradients(
+        self, closure: Closure, scaler: torch.amp.GradScaler | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        """The finite difference's first pass: its loss, and dL/de for every recorded lookup of a forward of
+        ``closure`` (the scaler's scale divided out, without reading it on the host), through
+        :class:`OutputGradientPasses`."""
+        scale, clean = None, {}
+
+        def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            nonlocal scale
+            for recorded in self._edges:
+                recorded.clear()
+            loss = clean["loss"] = check_loss(closure(), "closure()")
+            if scaler is not None:
+                scale = scaler.scale(torch.ones((), device=loss.device))
+                loss = scaler.scale(loss)
+            return loss, [edge for recorded in self._edges for edge in recorded.edges]
+
+        grads = self._raw_gradients(self._first_passes.gradients(run))
+        return clean["loss"], grads if scale is None else [g if g is None else g.div_(scale) for g in grads]
+
     def _output_gradients(self, loss: torch.Tensor, create_graph: bool) -> list[torch.Tensor | None]:
         """dL/de for every recorded lookup (None for lookups outside ``loss``'s graph), in order."""
         edges = [edge for recorded in self._edges for edge in recorded.edges]
         found = output_gradients(loss, edges, f"GradientPenalty(mode={self.mode!r})", create_graph=create_graph)
+        return self._raw_gradients(found)
+
+    def _raw_gradients(self, found: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """dL/d(output) at each recorded edge to dL/d(raw lookup), per module; refuses a loss that reached none."""
         grads: list[torch.Tensor | None] = []
         for recorded in self._edges:  # dL/d(output) to dL/d(raw lookup), per module
             grads += recorded.raw_gradients(found[len(grads) : len(grads) + len(recorded.edges)])

@@ -24,10 +24,10 @@ from ._attack import EmbeddingAttack
 from ._common import (
     BackwardFn,
     Closure,
+    OutputGradientPasses,
     check_epsilon,
     check_flag,
     check_loss,
-    output_gradients,
     plain_backward,
     plain_step,
 )
@@ -104,6 +104,8 @@ class PGD(EmbeddingAttack):
         self._grad_backup: dict[str, torch.Tensor | None] | None = None
         self._ids_backup: list[tuple[LookupRecorder, torch.Tensor | None]] = []
         self._step_recorders: tuple[list[Target], dict[int, list[LookupEdges]]] | None = None
+        # The inner passes' dL/de: autograd.grad, or under reentrant checkpointing a backward() (see the class).
+        self._inner_passes = OutputGradientPasses(model, "pgd.step()", SNIPPET_CALLS_NEED_ONLY_BACKWARD)
         self._targets(emb_name)  # fail now, not at the first attack, on a bad emb_name
 
     def __repr__(self) -> str:
@@ -280,16 +282,19 @@ class PGD(EmbeddingAttack):
     ) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
         """One perturbed pass; dL/de of every lookup of each target's modules, as (ids, dL/de) by target id."""
         recorders = {id(r): r for rs in lookups.values() for r in rs}
-        for recorder in recorders.values():
-            recorder.clear()
-        # It computes no parameter gradient: under DDP it must not arm the all-reduce, under DeepSpeed not start a
-        # backward of the engine's.
-        with self._data_parallel.output_gradient_pass():
+
+        def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            for recorder in recorders.values():
+                recorder.clear()
             loss = check_loss(closure(), "closure()")
             if scaler is not None:  # only the direction is used: the scale needs no undoing
                 loss = scaler.scale(loss)
-            edges = [e for r in recorders.values() for e in r.edges]
-            grads = output_gradients(loss, edges, "pgd.step()", SNIPPET_CALLS_NEED_ONLY_BACKWARD)
+            return loss, [e for r in recorders.values() for e in r.edges]
+
+        # It computes no parameter gradient: under DDP it must not arm the all-reduce, under DeepSpeed not start a
+        # backward of the engine's.
+        with self._data_parallel.output_gradient_pass():
+            grads = self._inner_passes.gradients(run)
         by_recorder: dict[int, list] = {}
         for key, recorder in recorders.items():  # dL/d(output) to dL/d(raw lookup), per module
             mine, grads = grads[: len(recorder.edges)], grads[len(recorder.edges) :]
