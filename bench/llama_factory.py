@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Layout, append_rows, fastadv_revision, log, provenance
+from common import Layout, append_rows, fastadv_revision, load_average, log, provenance
 
 RESULTS = Path(__file__).resolve().parent / "results" / "llamafactory.csv"
 LAYOUT = Layout(
@@ -180,7 +180,7 @@ def main() -> int:
         f"{version('transformers')}; tiny Qwen2 (V=300, d=32, 2 layers), batch 2"
     )
     base = provenance(torch.device("cpu"))
-    rows, failures = [], []
+    rows, failures, load_before = [], [], load_average()
     with tempfile.TemporaryDirectory(prefix="fastadv-llamafactory-") as name:
         folder = Path(name)
         make_inputs(folder)
@@ -195,6 +195,8 @@ def main() -> int:
             for method, reentrant in (("fgm", True), ("pgd", True), ("pgd", False)):
                 more, failed = compare(folder, finetuning, method, args.steps, reentrant, plain_runtime)
                 rows, failures = rows + more, failures + failed
+    # One run after another, not in turns: the load says how far the times can be trusted.
+    note += f"; loadavg(1min) before/after={load_before:.2f}/{load_average():.2f}; runs one after another"
     rows = [base | row | {"notes": note} for row in rows]
     for row in rows:
         print({k: v for k, v in row.items() if k in LAYOUT.config + LAYOUT.metrics + ("impl",)})
