@@ -101,10 +101,10 @@ def test_gradient_penalty_step_never_syncs(backend, static_rows):
     region = GuardedRegion()
     lookups: list[torch.Tensor] = []
     passes = 0
-    dl_de = gp._output_gradients  # the one seam between the model's backward and fastadv's own part
+    dl_de = gp._first_passes.gradients  # the one seam between the model's backward and fastadv's own part
 
-    def dl_de_then_guard(loss: torch.Tensor, create_graph: bool) -> list:
-        grads = dl_de(loss, create_graph)
+    def dl_de_then_guard(run) -> list:
+        grads = dl_de(run)
         region.enter()
         return grads
 
@@ -122,7 +122,7 @@ def test_gradient_penalty_step_never_syncs(backend, static_rows):
         lookups.append(output.detach().clone())
         region.exit()
 
-    gp._output_gradients = dl_de_then_guard
+    gp._first_passes.gradients = dl_de_then_guard
     emb = model.get_input_embeddings()
     handles = [emb.register_forward_pre_hook(before_lookup), emb.register_forward_hook(after_lookup)]
     try:
