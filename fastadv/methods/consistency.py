@@ -120,11 +120,7 @@ def kl_of_log_probabilities(
     log_p: torch.Tensor, log_q: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """:func:`kl_divergence` from the two sides' :func:`log_probabilities`."""
-    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
-    if attention_mask is None or per_position.dim() != attention_mask.dim():
-        return per_position.mean()
-    mask = attention_mask.to(per_position.dtype)
-    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+    return _mean_over_positions((log_p.exp() * (log_p - log_q)).sum(-1), attention_mask)
 
 
 def symmetric_kl_of_log_probabilities(
@@ -133,7 +129,12 @@ def symmetric_kl_of_log_probabilities(
     """``KL(p || q) + KL(q || p)`` as one sum, ``sum_c (p_c - q_c) (log p_c - log q_c)`` averaged over the
     positions as :func:`kl_of_log_probabilities`: the two divergences' terms share the log difference, so the
     sum takes about half their ops, forward and backward (equal to their sum up to rounding)."""
-    per_position = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+    return _mean_over_positions(((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1), attention_mask)
+
+
+def _mean_over_positions(per_position: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of a divergence per position (B or B x T) over the positions: all of them, or ``attention_mask``'s
+    (B x T, for per-token divergences)."""
     if attention_mask is None or per_position.dim() != attention_mask.dim():
         return per_position.mean()
     mask = attention_mask.to(per_position.dtype)
