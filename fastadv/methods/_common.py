@@ -255,6 +255,7 @@ class CarriedState:
     """
 
     _skipped: SkipCounter
+    _carried: tuple[str, ...] = ("skipped_steps",)  # the keys of state_dict()
 
     def state_dict(self) -> dict[str, Any]:
         """The method's carried state: ``{"skipped_steps": int}`` (SMART: and ``"teacher"``). Reading it syncs."""
@@ -262,7 +263,7 @@ class CarriedState:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Carry on from ``state`` (what :meth:`state_dict` gave, e.g. from a checkpoint)."""
-        expected = set(self.state_dict())
+        expected = set(self._carried)
         if not isinstance(state, Mapping) or set(state) != expected:
             found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(

@@ -652,10 +652,13 @@ class SMART(_Consistency):
         finally:
             self._teacher_step = None
 
+    _carried = (*CarriedState._carried, "teacher")
+
     def state_dict(self) -> dict[str, Any]:
         """``skipped_steps``, and ``teacher``: the teacher's weights (a list of tensors, one per trainable
-        parameter, in ``model.parameters()`` order), None before the first step with the proximal term."""
-        teacher = None if self._teacher is None else [w.detach().clone() for w in self._teacher.weights]
+        parameter, in ``model.parameters()`` order; the teacher's own, as a module's state_dict() gives its
+        parameters, moved by its later steps), None before the first step with the proximal term."""
+        teacher = None if self._teacher is None else [w.detach() for w in self._teacher.weights]
         return {**super().state_dict(), "teacher": teacher}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
