@@ -151,22 +151,19 @@ class OutputGradientPasses:
         """dL/de at each tensor ``run()`` gives with its loss (one forward pass: ``(loss, tensors)``); None where
         the loss does not reach one. ``run`` may be called twice (the first time reentrant checkpointing refuses
         ``torch.autograd.grad``)."""
-        params = None
         if not self.reentrant:
             loss, tensors = run()
             try:
                 return output_gradients(loss, tensors, self._method, self._alternative)
             except ReentrantCheckpointError:
-                params = self._trainable_parameters()
-                if params is None:
+                if self._trainable_parameters() is None:
                     raise
                 self.reentrant = True
             del loss, tensors
-        params = self._trainable_parameters() if params is None else params
+        params = self._trainable_parameters()
         if params is None:  # sharded since: refuse as autograd.grad did
             return output_gradients(*run(), self._method, self._alternative)
-        loss, tensors = run()
-        return backward_gradients(loss, tensors, params)
+        return backward_gradients(*run(), params)
 
     def _trainable_parameters(self) -> list[nn.Parameter] | None:
         """The parameters whose ``.grad`` the fallback sets aside; None if one is sharded (no fallback)."""
