@@ -495,14 +495,14 @@ def make_adversarial(trainer: Trainer, adversary: Adversary, adversary_start_ste
             f"the {type(trainer).__name__} is adversarial already (its adversary: {trainer.adversary!r}): one "
             "adversary per Trainer."
         )
-    built = type(trainer)
+    built, attributes = type(trainer), set(vars(trainer))
     trainer.__class__ = adversarial_trainer(built)
     try:
         trainer._set_adversary(adversary, adversary_start_step)
         trainer._check_trainer()
     except BaseException:
         trainer.__class__ = built
-        for name in ("adversary", "adversary_start_step", "_adversarial_step_pending", "_teacher_moved_at"):
-            trainer.__dict__.pop(name, None)
+        for name in set(vars(trainer)) - attributes:  # what _set_adversary set
+            del trainer.__dict__[name]
         raise
     return trainer

@@ -105,7 +105,3 @@ def main(argv: list[str] | None = None) -> int:
         )
         return NOTHING_MADE_ADVERSARIAL
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
