@@ -75,8 +75,8 @@ class FiniteGuard:
         self._version = -1  # the structure version the lists below were read at
         self._parameters: list[nn.Parameter] = []
         self._embeddings: list[nn.Embedding] = []
-        # By get_device(): the check's two 0-dim fp32 buffers, (the inverse scale 1 it multiplies by, found_inf).
-        self._buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # By device: the check's two 0-dim fp32 buffers, (the inverse scale 1 it multiplies by, found_inf).
+        self._buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def armed(self) -> bool:
@@ -182,28 +182,26 @@ def _plain_gradients(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [g._values() if g.is_sparse else g for g in grads if type(g) is torch.Tensor]
 
 
-def _any_non_finite(grads: list[torch.Tensor], buffers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _any_non_finite(
+    grads: list[torch.Tensor], buffers: dict[torch.device, tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     """bool, 0-dim, on the first gradient's device: some element of ``grads`` is NaN or Inf. One multi-tensor
     op per device and dtype (GradScaler's check, with an inverse scale of 1: the values are rewritten as they
-    are); nothing read on the host. ``buffers`` (by ``get_device()``: the scale 1 and found_inf, made at the
-    first call and reused) is the caller's."""
-    keys = [(g.get_device(), g.dtype) for g in grads]
-    key = keys[0]
-    if keys.count(key) == len(keys):
-        groups = {key: grads}  # the usual case: one device, one dtype
-    else:
-        groups = defaultdict(list)
-        for grad, each in zip(grads, keys, strict=True):
-            groups[each].append(grad)
-    found: dict[int, torch.Tensor] = {}
-    for (device, _), group in groups.items():
+    are); nothing read on the host. ``buffers`` (by device: the scale 1 and found_inf, made at the first call
+    and reused) is the caller's."""
+    # Grouped in C++ (the optimizers' grouping), not by a Python loop over the gradients: the host's work here
+    # stays one call whatever the number of parameters.
+    groups = torch._C._group_tensors_by_device_and_dtype([grads], False)
+    first = grads[0].device
+    found: dict[torch.device, torch.Tensor] = {}
+    for (device, _), ((group,), _) in groups.items():
         if device not in buffers:
-            buffers[device] = tuple(torch.full((), v, dtype=torch.float32, device=group[0].device) for v in (1, 0))
+            buffers[device] = tuple(torch.full((), v, dtype=torch.float32, device=device) for v in (1, 0))
         one, found_inf = buffers[device]
         if device not in found:
             found[device] = found_inf.zero_()
         torch._amp_foreach_non_finite_check_and_unscale_(group, found_inf, one)
-    total = found.pop(key[0]) > 0  # a new tensor: the buffer is zeroed again at the next check
+    total = found.pop(first) > 0  # a new tensor: the buffer is zeroed again at the next check
     for other in found.values():
         total = total | (other > 0).to(total.device, non_blocking=True)
     return total
