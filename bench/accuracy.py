@@ -355,6 +355,15 @@ class Run:
         self.scheduler.step()
         return loss.detach()
 
+    def train(self, batches: list[dict[str, torch.Tensor]]) -> tuple[list[float], torch.Tensor]:
+        """A step per batch, in order: the seconds of each step and the losses [steps]."""
+        seconds, losses = [], []
+        for batch in batches:
+            start = time.perf_counter()
+            losses.append(self.step(batch))
+            seconds.append(time.perf_counter() - start)
+        return seconds, torch.stack(losses)
+
 
 @torch.no_grad()
 def accuracy(model: nn.Module, split: Split, pad_id: int, batch: int = 64) -> float:
@@ -373,13 +382,8 @@ def train(base: nn.Module, method: str, value: float, seed: int, setup: Setup) -
     """Fine-tune one model; its dev accuracy, median step time and the model (for test / comparison)."""
     batches = train_batches(setup, seed)
     run = Run(base, method, value, seed, setup, len(batches))
-    seconds, losses = [], []
-    for batch in batches:
-        start = time.perf_counter()
-        losses.append(run.step(batch))
-        seconds.append(time.perf_counter() - start)
+    seconds, loss = run.train(batches)
     dev = accuracy(run.model, setup.data["dev"], setup.pad_id)
-    loss = torch.stack(losses)
     log(
         f"  {method:12s} {value:<5g} seed {seed}: dev {dev:.4f}; loss first/last 10% "
         f"{loss[: max(1, len(loss) // 10)].mean():.3f}/{loss[-max(1, len(loss) // 10) :].mean():.3f}; "
