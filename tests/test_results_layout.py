@@ -10,6 +10,7 @@ import common
 import consistency
 import host_cost
 import llama_factory
+import low_resource
 import pytest
 import record_growth
 import soak
@@ -27,6 +28,7 @@ LAYOUTS = {
     "record_growth.csv": record_growth.LAYOUT,
     "soak.csv": soak.LAYOUT,
     "accuracy.csv": accuracy.LAYOUT,
+    "low_resource.csv": low_resource.LAYOUT,
     "consistency.csv": consistency.LAYOUT,
     "host_cost.csv": host_cost.LAYOUT,
     "llamafactory.csv": llama_factory.LAYOUT,
