@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import accuracy
+import axolotl_run
 import common
 import consistency
 import host_cost
@@ -32,6 +33,7 @@ LAYOUTS = {
     "consistency.csv": consistency.LAYOUT,
     "host_cost.csv": host_cost.LAYOUT,
     "llamafactory.csv": llama_factory.LAYOUT,
+    "axolotl.csv": axolotl_run.LAYOUT,
     "gpu_attack.csv": common.SHAPE_LAYOUT,
     "gpu_step.csv": STEP_LAYOUT,
     "gpu_step_cost.csv": step_cost.LAYOUT,
